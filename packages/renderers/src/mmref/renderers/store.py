@@ -127,7 +127,9 @@ def inspect_image(data: bytes, declared: str, limits: StoreLimits, name: str) ->
                 width, height = image.size
                 fmt = image.format
     except Image.DecompressionBombError:
-        raise InvalidImageError(f"{name}: image dimensions exceed PIL's decompression-bomb limit") from None
+        raise InvalidImageError(
+            f"{name}: image dimensions exceed PIL's decompression-bomb guard (limit here {limits.max_pixels} pixels)"
+        ) from None
     except Exception as exc:  # PIL raises many types for corrupt headers
         raise InvalidImageError(f"{name}: corrupt {declared} header ({type(exc).__name__}: {exc})") from None
     if _PIL_FORMATS.get(fmt or "") != declared:

@@ -1,0 +1,70 @@
+"""Layout math: hand-worked grids, fingerprints, and errors."""
+
+import pytest
+
+from mmref.renderers.errors import LayoutError
+from mmref.renderers.layout import DEFAULT_SPECS, describe_image, layout_spec, smart_resize
+
+
+@pytest.mark.parametrize("family,size,grid,tokens", [
+    # 1920x1080, factor 28: round(1080/28)=39 -> 1092, round(1920/28)=69 -> 1932; 78*138/4
+    ("qwen2-vl", (1920, 1080), (1, 78, 138), 2691),
+    ("qwen2.5-vl", (1920, 1080), (1, 78, 138), 2691),
+    # factor 32: round(33.75)=34 -> 1088, 60 -> 1920; 68*120/4
+    ("qwen3-vl", (1920, 1080), (1, 68, 120), 2040),
+    ("qwen3.5", (1920, 1080), (1, 68, 120), 2040),
+    # 10x10 is under min_pixels 3136: beta=5.6 -> ceil(56/28)*28 = 56 -> grid 4x4, 4 tokens
+    ("qwen2-vl", (10, 10), (1, 4, 4), 4),
+    # kimi: 1920//14 * 1080//14 = 137*77 = 10549 < 16384 -> no scale; pad 1080 -> 1092, 1920 -> 1932
+    ("kimi-k2.5", (1920, 1080), (1, 78, 138), 1),
+])
+def test_describe_image_matches_hand_worked_values(family, size, grid, tokens):
+    layout = describe_image(layout_spec(family), *size)
+    assert layout.grid_thw == grid and layout.num_tokens == tokens
+
+
+def test_round_half_even_like_python_round():
+    # 42/28 = 1.5 rounds to 2 (even), 70/28 = 2.5 rounds to 2 (even): both sides 56
+    assert smart_resize(42, 70, 28, 0, 10**9) == (56, 56)
+
+
+def test_max_pixels_caps_area():
+    spec = layout_spec("qwen2-vl", max_pixels=256 * 28 * 28)
+    layout = describe_image(spec, 4000, 3000)
+    assert layout.resized_height * layout.resized_width <= spec.max_pixels
+    assert layout.num_tokens <= 256
+
+
+def test_kimi_limits_patches_per_side_and_total():
+    spec = layout_spec("kimi-k2.5")
+    layout = describe_image(spec, 8000, 40)
+    assert layout.grid_thw[2] <= spec.patch_limit_on_one_side + spec.merge_size
+    big = describe_image(spec, 8192, 8192)
+    assert big.grid_thw[1] * big.grid_thw[2] <= spec.in_patch_limit + 4 * 128  # padding adds at most one merged row/col
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, -1), (3.5, 10)])
+def test_non_positive_or_non_integer_size_is_a_layout_error(size):
+    with pytest.raises(LayoutError, match="positive integers"):
+        describe_image(layout_spec("qwen2-vl"), *size)
+
+
+def test_aspect_ratio_over_200_is_a_layout_error():
+    with pytest.raises(LayoutError, match="aspect ratio 201.0 > 200"):
+        describe_image(layout_spec("qwen3-vl"), 201, 1)
+    describe_image(layout_spec("qwen3-vl"), 200, 1)
+
+
+def test_fingerprints_differ_per_family_and_parameter():
+    prints = {spec.fingerprint for spec in DEFAULT_SPECS.values()}
+    assert len(prints) == len(DEFAULT_SPECS)
+    base = layout_spec("qwen2-vl")
+    assert base.replace(max_pixels=base.max_pixels - 1).fingerprint != base.fingerprint
+    assert layout_spec("qwen2-vl").fingerprint == base.fingerprint
+
+
+def test_unknown_family_and_parameter_are_named():
+    with pytest.raises(LayoutError, match="'llava'.*known families"):
+        layout_spec("llava")
+    with pytest.raises(LayoutError, match="min_pix"):
+        layout_spec("qwen2-vl", min_pix=3)
