@@ -71,6 +71,8 @@ def tiny_config(family: str, vocab_size: int = QWEN_VOCAB_SIZE, size: TinySize =
     text = dict(vocab_size=vocab_size, hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
                 num_hidden_layers=size.num_layers, num_attention_heads=size.num_heads,
                 num_key_value_heads=size.num_kv_heads, max_position_embeddings=4096, tie_word_embeddings=True)
+    if vocab_size < QWEN_VOCAB_SIZE:  # a tiny tokenizer: Qwen's bos/eos ids do not exist in its vocab
+        text |= dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     vision = dict(depth=size.vision_depth, num_heads=size.vision_heads, patch_size=spec.patch_size,
                   spatial_merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size,
                   in_channels=3)
