@@ -1,0 +1,145 @@
+"""Configuration of an ``mmref rl`` / ``mmref sft`` run: one TOML file, every key checked.
+
+Unknown keys and bad values are errors that name the key. Any value can be overridden on
+the command line with ``--set section.key=value`` (parsed as TOML), and the most common
+ones have flags (``--max-steps``, ``--output-dir``, ``--ablate-images``).
+
+    >>> config = load_run_config("examples/color-codeword.toml", ["rollout.group_size=4"])
+    >>> config.rollout.group_size
+    4
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Section):
+    """Which model: a tiny random-init one of ``family`` (the default), or a local checkpoint."""
+
+    family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = "qwen2-vl"
+    path: str | None = None
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    vision_depth: int = Field(1, ge=1)
+    seed: int = 0
+    min_pixels: int = Field(56 * 56, gt=0)
+    max_pixels: int = Field(112 * 112, gt=0)
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        return self
+
+
+class EnvConfig(_Section):
+    """The environment and its parameters (see ``mmref.client.envs.color_codeword``)."""
+
+    name: Literal["color-codeword"] = "color-codeword"
+    colors: int = Field(4, ge=2, le=6)
+    turns: int = Field(2, ge=1)
+    min_side: int = Field(40, ge=8)
+    max_side: int = Field(96, ge=8)
+    ablate_images: bool = False
+
+
+class RolloutConfig(_Section):
+    """Sampling: prompts per step, samples per prompt (a GRPO group), and limits."""
+
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=2)
+    max_tokens: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    concurrency: int = Field(64, ge=1)
+
+
+class TrainConfig(_Section):
+    """Optimizer and batch shape of the trainer ranks."""
+
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    max_seq_len: int = Field(2048, ge=16)
+    nproc: int = Field(1, ge=1)
+    missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"
+
+
+class InferenceConfig(_Section):
+    """The inference server the rollouts call."""
+
+    engine: Literal["transformers", "vllm"] = "transformers"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
+
+
+class RunConfig(_Section):
+    """A whole run."""
+
+    max_steps: int = Field(60, ge=1)
+    max_async: int = Field(1, ge=0)
+    seed: int = 0
+    output_dir: str = "runs/color-codeword"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = ModelConfig()
+    env: EnvConfig = EnvConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be loaded; the message names the key and the problem."""
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"rollout.group_size=4"`` -> ``("rollout.group_size", 4)``; values are TOML (bare words are strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML run config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for override in overrides:
+        _set_path(data, *parse_override(override))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid run config{f' {path}' if path else ''}: {problems}") from None
