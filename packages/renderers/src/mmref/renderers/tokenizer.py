@@ -33,6 +33,8 @@ _CONTROL = frozenset(QWEN_SPECIAL_TOKENS[:14])
 KIMI_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>",
     "<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>",
+    "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>", "<|tool_call_end|>",
 )
 
 
