@@ -171,6 +171,12 @@ class ImageStore:
             self._write_atomic(asset, data)
         return StoredImage(asset, sha256, media_type, width, height, len(data), deduplicated=exists)
 
+    def put_image(self, image: Image.Image, format: str = "PNG") -> StoredImage:
+        """Encode a PIL image (PNG by default, lossless) and store it."""
+        buffer = io.BytesIO()
+        image.save(buffer, format)
+        return self.put_bytes(buffer.getvalue(), _PIL_FORMATS[format.upper()])
+
     def put_data_url(self, url: str) -> StoredImage:
         """Store the image inside a ``data:image/...;base64,`` URL."""
         data, media_type = decode_data_url(url, self.limits.max_bytes)

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from mmref.renderers.layout import LayoutSpec, layout_spec, spec_from_image_processor
+from mmref.renderers.processed import build_image_processor  # noqa: F401  (re-exported)
 
 # Qwen2 tokenizer ids of the vision special tokens (shared by Qwen2-VL, 2.5-VL, 3-VL).
 QWEN_VISION_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656,
@@ -121,17 +122,6 @@ def family_of(model: PreTrainedModel) -> str:
     if model_type not in by_type:
         raise ValueError(f"model type {model_type!r} has no mmref layout family; supported: {sorted(by_type)}")
     return by_type[model_type]
-
-
-def build_image_processor(spec: LayoutSpec) -> Qwen2VLImageProcessorPil:
-    """The transformers PIL image processor that implements ``spec`` (Qwen-VL families)."""
-    if spec.resize != "smart":
-        raise ValueError(f"family {spec.family!r} has no transformers image processor")
-    return Qwen2VLImageProcessorPil(
-        patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size,
-        size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
-        image_mean=list(spec.image_mean), image_std=list(spec.image_std),
-    )
 
 
 def processor_spec(family: str, processor: Qwen2VLImageProcessorPil) -> LayoutSpec:

@@ -38,6 +38,10 @@ TOOLS_OUTRO = (
 )
 
 
+_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+_TAG_SPLIT = "(" + "|".join(re.escape(t) for t in _TAGS) + ")"
+
+
 def tojson(value: Any) -> str:
     """JSON as transformers' chat-template ``tojson`` filter writes it."""
     return json.dumps(value, ensure_ascii=False)
@@ -60,6 +64,19 @@ class QwenRenderer(Renderer):
 
     def generation_prompt(self) -> list[Segment]:
         return self._open("assistant", -1)
+
+    def _scaffold(self, text: str, index: int) -> list[Segment]:
+        """Template text, with the tags inside it emitted as their added-token ids."""
+        return [self._tag(piece, index) if piece in _TAGS else Text(piece, index)
+                for piece in re.split(_TAG_SPLIT, text) if piece]
+
+    def _tools_system(self, system: Message | None, tools: list[dict], default: str | None) -> list[Segment]:
+        """The system turn that lists the tools (Hermes format), after the system text if any."""
+        index = 0 if system else -1
+        head = _system_text(system) + "\n\n" if system else (default + "\n\n" if default else "")
+        listing = TOOLS_INTRO + "".join("\n" + tojson(t) for t in tools) + TOOLS_OUTRO
+        return (self._open("system", index) + ([Text(head, index, bool(system))] if head else [])
+                + self._scaffold(listing, index) + self._close(index))
 
     def parse_completion_text(self, text: str) -> ParsedResponse:
         reasoning, rest = split_reasoning(text)
@@ -90,11 +107,7 @@ class Qwen2VLRenderer(QwenRenderer):
         counter = [0]
         if tools:
             system = messages[0] if messages and messages[0].role == "system" else None
-            header = _system_text(system) if system else DEFAULT_SYSTEM
-            segments += self._open("system", 0 if system else -1)
-            segments += [Text(header + "\n\n" + TOOLS_INTRO + "".join("\n" + tojson(t) for t in tools) + TOOLS_OUTRO,
-                              0 if system else -1, bool(system))]
-            segments += self._close(0 if system else -1)
+            segments += self._tools_system(system, tools, DEFAULT_SYSTEM)
             start = 1 if system else 0
         else:
             start = 0
@@ -132,10 +145,7 @@ class Qwen3VLRenderer(QwenRenderer):
         system = messages[0] if messages and messages[0].role == "system" else None
         segments: list[Segment] = []
         if tools:
-            prefix = _system_text(system) + "\n\n" if system else ""
-            text = prefix + TOOLS_INTRO + "".join("\n" + tojson(t) for t in tools) + TOOLS_OUTRO
-            segments += self._open("system", 0 if system else -1) + [Text(text, 0 if system else -1, bool(system))]
-            segments += self._close(0 if system else -1)
+            segments += self._tools_system(system, tools, None)
         elif system:
             segments += self._open("system", 0) + [Text(_system_text(system), 0, True)] + self._close(0)
         return segments + self._messages(messages, [0], skip_system=True)
