@@ -43,7 +43,12 @@ class Image:
     message_index: int
 
 
-Segment = Text | Special | Image
+@dataclass(frozen=True)
+class Break:
+    """Ends a text run: text on either side is tokenized separately (where a model's sampling starts)."""
+
+
+Segment = Text | Special | Image | Break
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,8 @@ class Renderer(ABC):
                 continue
             self._emit_text_run(run, out)
             run = []
+            if isinstance(segment, Break):
+                continue
             if isinstance(segment, Special) and segment.token:
                 self._emit(out, self.token_id(segment.token), segment.message_index, False)
             elif isinstance(segment, Image):

@@ -16,6 +16,7 @@ from typing import Any
 from mmref.renderers.errors import RenderError
 from mmref.renderers.messages import Message, TextPart
 from mmref.renderers.render.base import (
+    Break,
     ParsedResponse,
     ParsedToolCall,
     Renderer,
@@ -53,7 +54,10 @@ class QwenRenderer(Renderer):
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
 
     def _open(self, role: str, index: int) -> list[Segment]:
-        return [Special("<|im_start|>", index), Text(f"{role}\n", index)]
+        # The model samples after "assistant\n": tokenize the reply apart from the header, so a
+        # rendered assistant turn is exactly the generation prompt plus what was sampled.
+        brk = [Break()] if role == "assistant" else []
+        return [Special("<|im_start|>", index), Text(f"{role}\n", index), *brk]
 
     def _close(self, index: int) -> list[Segment]:
         return [Special("<|im_end|>", index), Text("\n", index)]
@@ -200,7 +204,7 @@ class Qwen35Renderer(Qwen3VLRenderer):
         text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
         segments = self._open("assistant", index)
         reasoning = message.reasoning_content or ""
-        segments += [self._tag("<think>", index), Text("\n" + reasoning + "\n", index, True),
+        segments += [self._tag("<think>", index), Text("\n", index), Break(), Text(reasoning + "\n", index, True),
                      self._tag("</think>", index), Text("\n\n" + text, index, True)]
         for call in message.tool_calls:
             args = call.function.arguments
