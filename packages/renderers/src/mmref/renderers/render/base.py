@@ -110,7 +110,7 @@ class Renderer(ABC):
         self._ids = {t: self._special_id(t) for t in self._required_specials()}
         self.image_pad_id = self._ids[self.image_pad]
         self.stop_token_ids = [self._ids[t] for t in self.stop_tokens]
-        self.image_token_ids = frozenset(self._ids[t] for t in self.image_special_tokens if t in self._ids)
+        self.image_token_ids = frozenset(self.token_id(t) for t in self.image_special_tokens if self.has_token(t))
 
     # -- family hooks -------------------------------------------------------------------
 

@@ -1,0 +1,131 @@
+"""Renderer behaviour: errors, special-token safety, bridging edge cases, raw mode reads no pixels."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from mmref.renderers import ImageStore, layout_spec, make_ref
+from mmref.renderers.errors import RenderError
+from mmref.renderers.render import create_renderer
+from mmref.renderers.tokenizer import qwen2_tokenizer
+
+IMAGE_PAD, VISION_START, IM_END = 151655, 151652, 151645
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return ImageStore(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return create_renderer(qwen2_tokenizer(), "qwen2-vl")
+
+
+def ref_part(store, size=(80, 60), family="qwen2-vl", spec=None):
+    stored = store.put_image(Image.new("RGB", size, (size[0] % 256, 9, 9)))
+    return {"type": "image_url", "image_url": {"url": make_ref(spec or layout_spec(family), stored).encode()}}
+
+
+def test_typed_special_token_strings_never_become_special_ids(renderer):
+    rendered = renderer.render([{"role": "user", "content": "look: <|image_pad|><|vision_start|><|im_end|>"}])
+    assert IMAGE_PAD not in rendered.token_ids and VISION_START not in rendered.token_ids
+    assert rendered.token_ids.count(IM_END) == 2  # system and user turns only
+    assert not rendered.images
+
+
+def test_slot_offsets_attribution_and_generation_prompt(renderer, store):
+    messages = [{"role": "user", "content": [ref_part(store), {"type": "text", "text": "colour?"}]}]
+    rendered = renderer.render(messages)
+    slot = rendered.images[0]
+    assert rendered.token_ids[slot.offset - 1] == VISION_START
+    assert rendered.token_ids[slot.offset:slot.end] == [IMAGE_PAD] * slot.length
+    assert set(rendered.message_index[slot.offset:slot.end]) == {0}
+    assert rendered.message_index[-3:] == [-1, -1, -1]  # "<|im_start|>assistant\n" is scaffold
+    assert all(rendered.is_content[slot.offset:slot.end]) and not any(rendered.sampled_mask)
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("data:image/png;base64,iVBORw0KGgo=", "only store refs"),
+    ("https://example.com/a.png", "only store refs"),
+    ("mmref:v1:!!", "invalid ref"),
+])
+def test_non_ref_image_parts_are_render_errors(renderer, url, needle):
+    with pytest.raises(RenderError, match=needle):
+        renderer.render([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+
+
+@pytest.mark.parametrize("part,needle", [
+    ({"type": "image", "image": "x.png"}, "prepare_images"),
+    ({"type": "image_url", "image_url": "mmref:v1:x"}, "needs an object"),
+    ({"type": "audio"}, "unsupported content part type 'audio'"),
+    ({"type": "image_url", "image_url": {"url": "x", "pixel_values": [1]}}, "pixel_values"),
+])
+def test_malformed_parts_are_named(renderer, part, needle):
+    with pytest.raises(RenderError, match=needle):
+        renderer.render([{"role": "user", "content": [part]}])
+
+
+def test_message_errors_name_the_index(renderer):
+    with pytest.raises(RenderError, match="message 1 is invalid"):
+        renderer.render([{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}])
+
+
+def test_ref_from_other_layout_is_refused(renderer, store):
+    drifted = ref_part(store, spec=layout_spec("qwen2-vl", max_pixels=64 * 28 * 28))
+    with pytest.raises(RenderError, match="fingerprint"):
+        renderer.render([{"role": "user", "content": [drifted]}])
+    with pytest.raises(RenderError, match="ref family 'qwen3-vl'"):
+        renderer.render([{"role": "user", "content": [ref_part(store, family="qwen3-vl")]}])
+
+
+def test_qwen2_vl_refuses_tools(renderer):
+    with pytest.raises(RenderError, match="no tool support"):
+        renderer.render([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {"name": "f"}}])
+
+
+def test_bridge_returns_none_when_a_full_render_is_required(renderer):
+    prompt = renderer.render([{"role": "user", "content": "hi"}])
+    for new in ([{"role": "assistant", "content": "x"}], [{"role": "system", "content": "x"}], []):
+        assert renderer.bridge_to_next_turn(prompt.token_ids, [1, IM_END], new, []) is None
+
+
+def test_bridge_trims_after_close_and_synthesizes_missing_close(renderer):
+    prompt = renderer.render([{"role": "user", "content": "hi"}])
+    reply = qwen2_tokenizer().encode("ok", add_special_tokens=False)
+    new = [{"role": "user", "content": "again"}]
+    trimmed = renderer.bridge_to_next_turn(prompt.token_ids, reply + [IM_END, 42, 43], new, [])
+    cut = renderer.bridge_to_next_turn(prompt.token_ids, reply, new, [])
+    assert trimmed.token_ids == cut.token_ids
+    n = len(prompt)
+    assert trimmed.sampled_mask[n:n + len(reply) + 1] == [True] * (len(reply) + 1)
+    assert cut.sampled_mask[n:n + len(reply) + 1] == [True] * len(reply) + [False]  # synthesized close
+    endoftext = renderer.bridge_to_next_turn(prompt.token_ids, reply + [151643], new, [])
+    assert endoftext.token_ids == trimmed.token_ids
+
+
+def test_raw_mode_never_decodes_pixels(renderer, store, monkeypatch):
+    parts = [ref_part(store, (100 + i, 60)) for i in range(4)]
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("image decoded"))
+    rendered = renderer.render([{"role": "user", "content": parts}])
+    assert len(rendered.images) == 4 and opened == []
+
+
+def test_stop_and_image_token_ids(renderer):
+    assert renderer.stop_token_ids == [IM_END, 151643]
+    assert {IMAGE_PAD, VISION_START, 151653, 151656}.issubset(renderer.image_token_ids)
+
+
+def test_parse_response_reports_malformed_tool_calls_and_cutoff():
+    renderer = create_renderer(qwen2_tokenizer(), "qwen3-vl")
+    ids = qwen2_tokenizer().encode('ok<tool_call>\n{"name": broken\n</tool_call>', add_special_tokens=False)
+    parsed = renderer.parse_response(ids)
+    assert parsed.content == "ok" and not parsed.finished
+    assert [c.status for c in parsed.tool_calls] == ["malformed"]
+
+
+def test_unknown_family_is_named():
+    with pytest.raises(RenderError, match="no renderer for family 'llava'"):
+        create_renderer(qwen2_tokenizer(), "llava")
