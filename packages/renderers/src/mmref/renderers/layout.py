@@ -15,6 +15,7 @@ fingerprint from its own processor configuration and refuses refs that differ.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -66,7 +67,7 @@ class LayoutSpec:
         """Side length in pixels of one merged patch."""
         return self.patch_size * self.merge_size
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 hex over the family and every parameter; the version pin between stages."""
         params = {k: v for k, v in dataclasses.asdict(self).items() if k != "family"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -163,6 +164,12 @@ def parse_ref(text: Any) -> RawImageRef:
     """Parse the string form of a ref; every failure is a ``RefError`` that says what was wrong."""
     if not isinstance(text, str):
         raise RefError(f"a ref must be a string, got {type(text).__name__}")
+    return _parse_ref_string(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_ref_string(text: str) -> RawImageRef:
+    # Refs are frozen, so a parsed ref can be shared; multi-turn rollouts re-parse the same refs.
     match = _HEADER.fullmatch(text)
     if match is None:
         raise RefError(f"not a ref: expected 'mmref:v<version>:<base64url>', got {text[:40]!r}")
