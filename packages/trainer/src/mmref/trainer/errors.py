@@ -1,0 +1,40 @@
+"""Errors raised by mmref.trainer.
+
+Each names the image (asset, sha256), the expected and actual values, and the stage::
+
+    MMRefError (mmref.renderers.errors)
+     └── TrainerError
+          ├── SampleError (ValueError)          a sample whose slots or lengths are inconsistent
+          ├── PackingError (ValueError)         a sample that cannot be placed in a row
+          ├── MissingImageError (FileNotFoundError)  a ref whose bytes this rank cannot read
+          ├── ImageTokenMismatchError (ValueError)   pad tokens vs features the grids produce
+          └── RankFailedError (RuntimeError)    another rank of the job failed (see distributed)
+"""
+
+from __future__ import annotations
+
+from mmref.renderers.errors import MMRefError
+
+
+class TrainerError(MMRefError):
+    """Base of trainer errors."""
+
+
+class SampleError(TrainerError, ValueError):
+    """A training sample whose token ids, masks or image slots disagree."""
+
+
+class PackingError(TrainerError, ValueError):
+    """A sample that cannot be placed in a row of the configured length."""
+
+
+class MissingImageError(TrainerError, FileNotFoundError):
+    """Image bytes a trainer rank cannot read under the ``error`` missing-image policy."""
+
+
+class ImageTokenMismatchError(TrainerError, ValueError):
+    """Image-pad tokens that do not match the features the image grids will produce."""
+
+
+class RankFailedError(TrainerError, RuntimeError):
+    """A distributed job stopped because some rank failed; the message names the rank and cause."""

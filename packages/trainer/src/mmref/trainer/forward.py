@@ -1,0 +1,85 @@
+"""The model on one materialized packed row, with the checks that run before the vision tower.
+
+Checks, before any compute:
+- image-pad tokens == features the grids will produce (``t*h*w / merge**2`` summed), else
+  ``ImageTokenMismatchError`` naming the token id, both counts and the assets;
+- no image special token among the sampled (loss) tokens: the engine never samples them,
+  so one there means a corrupted trace. ``sampled_image_tokens="error"`` raises,
+  ``"mask"`` drops those tokens from the loss and counts them.
+
+Logprobs use the engine's image-special-token mask (``mmref.trainer.logprobs``), so
+trainer and inference logprobs are comparable token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mmref.trainer.errors import ImageTokenMismatchError
+from mmref.trainer.logprobs import masked_log_softmax
+from mmref.trainer.materialize import MaterializedRow
+from mmref.trainer.pack import RopeIndex, row_position_ids
+
+
+@dataclass(frozen=True)
+class RowOutput:
+    """Per-token results for positions 1..L-1 of a row (what predicts token t is logits[t-1]).
+
+    logprobs: (L-1,) of the actual next tokens;  entropy: (L-1,);  loss_mask: (L-1,) bool
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    loss_mask: torch.Tensor
+    masked_sampled_image_tokens: int
+
+
+def check_image_tokens(batch: MaterializedRow, merge_size: int) -> None:
+    """Raise unless the row's pad tokens equal the features its grids produce."""
+    pads = int(batch.mm_token_type_ids.sum())
+    grids = batch.image_grid_thw
+    features = int((grids.prod(dim=1) // merge_size**2).sum()) if grids is not None else 0
+    if pads != features:
+        assets = ", ".join(s.ref.asset for s in batch.row.images) or "none"
+        raise ImageTokenMismatchError(
+            f"trainer forward: {pads} image-pad tokens (id {batch.row.image_pad_id}) but the image grids produce "
+            f"{features} features; assets: {assets}"
+        )
+
+
+def sampled_image_token_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor, image_token_ids: Iterable[int]) -> torch.Tensor:
+    """(L,) True where a loss token is an image special token."""
+    banned = torch.tensor(sorted(image_token_ids), dtype=input_ids.dtype)
+    return loss_mask & torch.isin(input_ids[0], banned)
+
+
+def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex, image_token_ids: Iterable[int],
+                merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error") -> RowOutput:
+    """Run the model on a packed row; per-token logprobs and entropy under the image-token mask."""
+    image_token_ids = frozenset(image_token_ids)
+    check_image_tokens(batch, merge_size)
+    loss_mask = batch.loss_mask.clone()
+    bad = sampled_image_token_mask(batch.input_ids, loss_mask, image_token_ids)
+    if bad.any():
+        if sampled_image_tokens == "error":
+            positions = bad.nonzero().flatten().tolist()[:8]
+            raise ImageTokenMismatchError(f"trainer forward: image special tokens inside sampled completions at "
+                                          f"positions {positions}; the inference engine must mask them")
+        loss_mask &= ~bad
+    device = next(model.parameters()).device
+    position_ids = row_position_ids(rope_index, batch.row).to(device)  # (4, 1, L)
+    kwargs = {}
+    if batch.pixel_values is not None:
+        kwargs = dict(pixel_values=batch.pixel_values.to(device), image_grid_thw=batch.image_grid_thw.to(device))
+    logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids,
+                   mm_token_type_ids=batch.mm_token_type_ids.to(device), use_cache=False, **kwargs).logits[0]
+    logp = masked_log_softmax(logits[:-1], image_token_ids)  # (L-1, V)
+    targets = batch.input_ids[0, 1:].to(device)
+    token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+    probs = logp.exp()
+    entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return RowOutput(token_logp, entropy, loss_mask[1:].to(device), int(bad.sum()))

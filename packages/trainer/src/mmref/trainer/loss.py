@@ -1,0 +1,51 @@
+"""Token-level policy-gradient loss with an importance ratio against inference logprobs.
+
+    ratio   = exp(logp_trainer - logp_inference)
+    loss_t  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)   (DAPO-style
+              asymmetric clip), plus kl_coef * k3(ref || policy) when a reference is given
+    loss    = sum over loss tokens / normalizer (token-level mean across the whole step)
+
+Pure torch: tensors in, a scalar and metric tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """The summed loss (divide by the step's token count) and per-step metric sums."""
+
+    loss_sum: torch.Tensor
+    tokens: int
+    clipped: int
+    mismatch_kl_sum: float
+    entropy_sum: float
+
+
+def policy_loss(logprobs: torch.Tensor, inference_logprobs: torch.Tensor, advantages: torch.Tensor,
+                loss_mask: torch.Tensor, entropy: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
+                kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None) -> LossOutput:
+    """Clipped policy-gradient loss summed over masked tokens. All inputs (T,)."""
+    mask = loss_mask.float()
+    # Non-loss positions can hold -inf (image tokens are banned targets): zero them before exp.
+    logprobs = torch.where(loss_mask, logprobs, torch.zeros_like(logprobs))
+    log_ratio = torch.where(loss_mask, logprobs - inference_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    if kl_coef > 0 and ref_logprobs is not None:
+        delta = torch.where(loss_mask, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+        per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+    with torch.no_grad():
+        was_clipped = ((clipped != unclipped) & loss_mask).sum()
+        # k3 estimator of KL(inference || trainer): how far the two engines disagree.
+        mismatch = ((torch.exp(-log_ratio) + log_ratio - 1) * mask).sum()
+    return LossOutput(
+        loss_sum=torch.where(loss_mask, per_token, torch.zeros_like(per_token)).sum(), tokens=int(mask.sum()), clipped=int(was_clipped),
+        mismatch_kl_sum=float(mismatch), entropy_sum=float(torch.where(loss_mask, entropy.detach(), torch.zeros_like(entropy)).sum()),
+    )

@@ -1,0 +1,165 @@
+"""The only trainer stage that turns refs into pixels, right before the forward pass.
+
+For a packed row: every unique sha256 is read, hash-verified, decoded and processed
+once (thread pool), then its tensors are placed in every slot that uses it, each checked
+against the ref's grid and token count. An optional cross-step cache keeps processed
+images under a byte budget (LRU). When an image cannot be read:
+
+| missing_image_policy    | what happens                                                        |
+|-------------------------|---------------------------------------------------------------------|
+| error (default)         | ``MissingImageError`` naming every missing asset                    |
+| placeholder_zero_loss   | zeros shaped from the ref's grid; loss masked off for the affected  |
+|                         | samples only; a warning naming the assets; ``missing_images`` count |
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from mmref.renderers.errors import AssetNotFoundError
+from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.refs import RawImageRef
+from mmref.renderers.store import ImageStore
+from mmref.trainer.errors import MissingImageError
+from mmref.trainer.pack import PackedRow
+from mmref.trainer.pixels import ImageFeatures, image_features
+
+log = logging.getLogger(__name__)
+MissingPolicy = Literal["error", "placeholder_zero_loss"]
+
+
+@dataclass(frozen=True)
+class MaterializedRow:
+    """A packed row with its pixels.
+
+    input_ids:        (1, L) int64
+    mm_token_type_ids:(1, L) int32
+    pixel_values:     (sum of t*h*w over slots, C*tp*p*p) or None
+    image_grid_thw:   (num_slots, 3) int64 or None
+    loss_mask:        (L,) bool, with samples of missing images masked off
+    """
+
+    row: PackedRow
+    input_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    loss_mask: torch.Tensor
+    missing_assets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MaterializeStats:
+    """Counters since construction (the metrics of this stage)."""
+
+    images_processed: int = 0
+    slots_filled: int = 0
+    cache_hits: int = 0
+    missing_images: int = 0
+    bytes_read: int = 0
+
+
+class Materializer:
+    """Refs to pixel tensors, with dedupe, a thread pool, a byte-budget cache and checks."""
+
+    def __init__(self, store: ImageStore, spec: LayoutSpec, processor: Any, *, threads: int = 4,
+                 cache_bytes: int = 0, missing_image_policy: MissingPolicy = "error",
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.store, self.spec, self.processor = store, spec, processor
+        self.policy, self.device, self.dtype = missing_image_policy, torch.device(device), dtype
+        self.cache_bytes = cache_bytes
+        self.stats = MaterializeStats()
+        self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mmref-materialize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def materialize(self, rows: Sequence[PackedRow]) -> list[MaterializedRow]:
+        """Pixels for every slot of ``rows``; each unique image is processed at most once."""
+        unique: dict[str, RawImageRef] = {}
+        for row in rows:
+            for slot in row.images:
+                unique.setdefault(slot.ref.sha256, slot.ref)
+        features = dict(zip(unique, self._pool.map(self._features, unique.values())))
+        missing = sorted({ref.asset for sha, ref in unique.items() if features[sha] is None})
+        if missing and self.policy == "error":
+            raise MissingImageError(f"trainer: {len(missing)} image(s) missing from store {self.store.url}: "
+                                    f"{', '.join(missing)} (missing_image_policy='error')")
+        if missing:
+            self.stats.missing_images += len(missing)
+            log.warning("trainer: images missing, zero-loss placeholders used for their samples: %s", ", ".join(missing))
+        return [self._place(row, features, set(missing)) for row in rows]
+
+    def _place(self, row: PackedRow, features: dict[str, ImageFeatures | None], missing: set[str]) -> MaterializedRow:
+        pixels, grids = [], []
+        for slot in row.images:
+            found = features[slot.ref.sha256]
+            pixels.append(found.pixel_values if found is not None else self._placeholder(slot.ref))
+            grids.append(slot.ref.grid_thw)
+        self.stats.slots_filled += len(row.images)
+        loss_mask = torch.tensor(row.loss_mask, dtype=torch.bool)
+        row_missing = sorted({s.ref.asset for s in row.images if s.ref.asset in missing})
+        if row_missing:
+            _mask_samples_with(loss_mask, row, {s.ref.sha256 for s in row.images if s.ref.asset in missing})
+        return MaterializedRow(
+            row=row, input_ids=torch.tensor([row.token_ids]),
+            mm_token_type_ids=torch.tensor([row.mm_token_type_ids], dtype=torch.int32),
+            pixel_values=self._to_device(torch.cat(pixels)) if pixels else None,
+            image_grid_thw=torch.tensor(grids) if grids else None, loss_mask=loss_mask, missing_assets=row_missing,
+        )
+
+    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned host memory makes the copy asynchronous
+            pixels = pixels.pin_memory()
+        return pixels.to(self.device, self.dtype or pixels.dtype, non_blocking=True)
+
+    def _features(self, ref: RawImageRef) -> ImageFeatures | None:
+        with self._lock:
+            cached = self._cache.get(ref.sha256)
+            if cached is not None:
+                self._cache.move_to_end(ref.sha256)
+                self.stats.cache_hits += 1
+                return cached
+        try:
+            features = image_features(self.store, ref, self.spec, self.processor, stage="trainer")
+        except AssetNotFoundError:
+            return None
+        with self._lock:
+            self.stats.images_processed += 1
+            self._remember(ref.sha256, features)
+        return features
+
+    def _remember(self, sha256: str, features: ImageFeatures) -> None:
+        if features.nbytes > self.cache_bytes:
+            return
+        self._cache[sha256] = features
+        self._cached_bytes += features.nbytes
+        while self._cached_bytes > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted.nbytes
+
+    def _placeholder(self, ref: RawImageRef) -> torch.Tensor:
+        t, h, w = ref.grid_thw
+        width = 3 * self.spec.temporal_patch_size * self.spec.patch_size**2
+        return torch.zeros(t * h * w, width)
+
+
+def _mask_samples_with(loss_mask: torch.Tensor, row: PackedRow, shas: set[str]) -> None:
+    """Zero the loss mask of every sample in ``row`` that holds one of ``shas``."""
+    start = 0
+    for length in row.sample_lengths:
+        end = start + length
+        if any(start <= s.offset < end and s.ref.sha256 in shas for s in row.images):
+            loss_mask[start:end] = False
+        start = end

@@ -1,0 +1,151 @@
+"""Packing samples into rows of ``max_seq_len`` tokens, and the position ids of a packed row.
+
+First-fit-decreasing over sample lengths, one family per row; image slots are rebased
+into the row and an image is never split. A packed row carries refs only; its position ids
+are the model's own ``get_rope_index`` per sample, stacked as 4 rows::
+
+    position_ids[0]    text positions, restarting at 0 per sample (transformers builds a
+                       block-diagonal causal mask from these resets)
+    position_ids[1:4]  mRoPE (t, h, w) positions per sample
+
+so a packed row's logits equal each sample's logits when run alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmref.renderers.refs import ImageSlot
+from mmref.trainer.errors import PackingError
+from mmref.trainer.samples import TrainingSample
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """Samples laid end to end; ``sample_lengths`` marks the boundaries."""
+
+    family: str
+    token_ids: list[int]
+    loss_mask: list[bool]
+    advantages: list[float]
+    inference_logprobs: list[float]
+    images: list[ImageSlot]
+    sample_lengths: list[int]
+    image_pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mm_token_type_ids(self) -> list[int]:
+        types = [0] * len(self.token_ids)
+        for slot in self.images:
+            types[slot.offset:slot.end] = [1] * slot.length
+        return types
+
+    def to_wire(self) -> dict:
+        """Plain lists and ref strings (msgpack/JSON-ready); no pixels."""
+        return {"family": self.family, "token_ids": self.token_ids, "loss_mask": self.loss_mask,
+                "advantages": self.advantages, "inference_logprobs": self.inference_logprobs,
+                "images": [s.model_dump(mode="json") for s in self.images],
+                "sample_lengths": self.sample_lengths, "image_pad_id": self.image_pad_id}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> PackedRow:
+        return cls(**{**data, "images": [ImageSlot.model_validate(s) for s in data["images"]]})
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The unit a trainer rank receives: a few packed rows for one optimizer step."""
+
+    step: int
+    rows: list[PackedRow]
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(sum(r.loss_mask) for r in self.rows)
+
+    def to_wire(self) -> dict:
+        return {"step": self.step, "rows": [r.to_wire() for r in self.rows]}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> MicroBatch:
+        return cls(step=data["step"], rows=[PackedRow.from_wire(r) for r in data["rows"]])
+
+
+def truncate(sample: TrainingSample, max_len: int) -> TrainingSample:
+    """Cut a sample to at most ``max_len`` tokens, never inside an image (start token included)."""
+    if len(sample) <= max_len:
+        return sample
+    cut = max_len
+    for slot in sample.images:
+        if slot.offset - 1 < cut < slot.end + 1:  # would split <|vision_start|> pads <|vision_end|>
+            cut = slot.offset - 1
+            break
+    kept = [s for s in sample.images if s.end < cut]
+    if sample.images and not kept and cut < sample.images[0].end + 1:
+        first = sample.images[0]
+        raise PackingError(f"sample of {len(sample)} tokens: its first image ({first.ref.describe()}) ends at "
+                           f"{first.end + 1} > max_seq_len {max_len}; raise max_seq_len or shrink the image")
+    return TrainingSample(
+        family=sample.family, token_ids=sample.token_ids[:cut], loss_mask=sample.loss_mask[:cut],
+        advantages=sample.advantages[:cut], inference_logprobs=sample.inference_logprobs[:cut], images=kept,
+        image_pad_id=sample.image_pad_id, weight_version=sample.weight_version, meta=sample.meta,
+    )
+
+
+def pack(samples: Sequence[TrainingSample], max_seq_len: int) -> list[PackedRow]:
+    """First-fit-decreasing into rows of at most ``max_seq_len`` tokens; families never mix."""
+    bins: list[list[TrainingSample]] = []
+    sizes: list[int] = []
+    for sample in sorted((truncate(s, max_seq_len) for s in samples), key=len, reverse=True):
+        for i, members in enumerate(bins):
+            if members[0].family == sample.family and sizes[i] + len(sample) <= max_seq_len:
+                members.append(sample)
+                sizes[i] += len(sample)
+                break
+        else:
+            bins.append([sample])
+            sizes.append(len(sample))
+    return [_concat(members) for members in bins]
+
+
+def _concat(members: list[TrainingSample]) -> PackedRow:
+    row = PackedRow(members[0].family, [], [], [], [], [], [], members[0].image_pad_id)
+    for sample in members:
+        offset = len(row.token_ids)
+        row.token_ids.extend(sample.token_ids)
+        row.loss_mask.extend(sample.loss_mask)
+        row.advantages.extend(sample.advantages)
+        row.inference_logprobs.extend(sample.inference_logprobs)
+        row.images.extend(slot.shifted(offset) for slot in sample.images)
+        row.sample_lengths.append(len(sample))
+    return row
+
+
+def occupancy(rows: Sequence[PackedRow], max_seq_len: int) -> float:
+    """Fraction of row capacity holding tokens."""
+    return sum(len(r) for r in rows) / (len(rows) * max_seq_len) if rows else 0.0
+
+
+RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def row_position_ids(rope_index: RopeIndex, row: PackedRow) -> torch.Tensor:
+    """(4, 1, L) position ids of a packed row from the model's ``get_rope_index``, per sample."""
+    ids = torch.tensor(row.token_ids)
+    types = torch.tensor(row.mm_token_type_ids)
+    pieces, start = [], 0
+    for length in row.sample_lengths:
+        end = start + length
+        grids = [s.ref.grid_thw for s in row.images if start <= s.offset < end]
+        mrope, _ = rope_index(ids[None, start:end], mm_token_type_ids=types[None, start:end],
+                              image_grid_thw=torch.tensor(grids) if grids else None)
+        text = torch.arange(length).view(1, 1, -1)
+        pieces.append(torch.cat([text, mrope.to(text.dtype)], dim=0))  # (4, 1, length)
+        start = end
+    return torch.cat(pieces, dim=2)

@@ -1,0 +1,101 @@
+"""Training samples: immutable token sequences with their image refs (never pixels).
+
+    TrainingSample.from_segment(segment, advantage=0.7, image_pad_id=151655)
+
+A sample is validated when built: the per-token lists agree in length, image slots are
+sorted, non-overlapping, inside the sequence and wholly on image-pad tokens, and no
+image-pad token sits outside a slot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmref.renderers.refs import ImageSlot
+from mmref.trainer.errors import SampleError
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """One sequence to learn from.
+
+    loss_mask:          True on sampled tokens (the only ones with a policy-gradient term)
+    advantages:         per token (the sample's advantage on sampled tokens, else 0)
+    inference_logprobs: per token (engine logprobs on sampled tokens, else 0)
+    """
+
+    family: str
+    token_ids: list[int]
+    loss_mask: list[bool]
+    advantages: list[float]
+    inference_logprobs: list[float]
+    images: list[ImageSlot]
+    image_pad_id: int
+    weight_version: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        for name in ("loss_mask", "advantages", "inference_logprobs"):
+            if len(getattr(self, name)) != n:
+                raise SampleError(f"{name} has {len(getattr(self, name))} entries for {n} tokens")
+        check_slots(self.token_ids, self.images, self.image_pad_id)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mm_token_type_ids(self) -> list[int]:
+        """1 on image-pad tokens, 0 elsewhere (derived from the slots)."""
+        types = [0] * len(self.token_ids)
+        for slot in self.images:
+            types[slot.offset:slot.end] = [1] * slot.length
+        return types
+
+    @classmethod
+    def from_segment(cls, segment: Any, advantage: float, image_pad_id: int) -> TrainingSample:
+        """A sample from a trace segment (``mmref.client.trace.TraceSegment``)."""
+        mask = [bool(m) for m in segment.sampled_mask]
+        return cls(
+            family=segment.family, token_ids=list(segment.token_ids), loss_mask=mask,
+            advantages=[advantage if m else 0.0 for m in mask],
+            inference_logprobs=[float(lp) if m else 0.0 for lp, m in zip(segment.logprobs, mask)],
+            images=list(segment.images), image_pad_id=image_pad_id,
+            weight_version=getattr(segment, "weight_version", None),
+        )
+
+
+def check_slots(token_ids: Sequence[int], images: Sequence[ImageSlot], image_pad_id: int) -> None:
+    """Raise ``SampleError`` unless slots are sorted, disjoint, in range and cover every pad token."""
+    previous_end = 0
+    for slot in images:
+        if slot.offset < previous_end:
+            raise SampleError(f"image slot at {slot.offset} overlaps or precedes the previous one ({slot.ref.describe()})")
+        if slot.end > len(token_ids):
+            raise SampleError(f"image slot [{slot.offset}, {slot.end}) runs past {len(token_ids)} tokens ({slot.ref.describe()})")
+        wrong = [i for i in range(slot.offset, slot.end) if token_ids[i] != image_pad_id]
+        if wrong:
+            raise SampleError(f"image slot [{slot.offset}, {slot.end}) has non-pad tokens at {wrong[:5]} "
+                              f"({slot.ref.describe()})")
+        previous_end = slot.end
+    covered = sum(s.length for s in images)
+    pads = sum(1 for t in token_ids if t == image_pad_id)
+    if pads != covered:
+        raise SampleError(f"{pads} image-pad tokens but image slots cover {covered}; every pad needs a slot")
+
+
+def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
+    """GRPO advantages: rewards normalized within their group, (r - mean) / (std + eps).
+
+    A group whose rewards are all equal carries no signal and gets zeros.
+    """
+    if not rewards:
+        return []
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    if std < eps:
+        return [0.0] * len(rewards)
+    return [(r - mean) / (std + eps) for r in rewards]

@@ -1,0 +1,117 @@
+"""One optimizer step of the policy on packed micro-batches (single process or one rank).
+
+    trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=TrainConfig())
+    metrics = trainer.step([micro_batch])
+
+The loss is a token-level mean over every loss token of the step (``normalizer``; under
+data parallelism the caller passes the global count so every rank scales alike).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.store import ImageStore
+from mmref.trainer.forward import RowOutput, forward_row
+from mmref.trainer.loss import policy_loss
+from mmref.trainer.materialize import MaterializedRow, Materializer
+from mmref.trainer.pack import MicroBatch
+from mmref.trainer.run_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one step reports (averages are per loss token)."""
+
+    loss: float
+    entropy: float
+    clip_fraction: float
+    mismatch_kl: float
+    grad_norm: float
+    loss_tokens: int
+    images_processed: int
+    missing_images: int
+    masked_sampled_image_tokens: int
+    materialize_s: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PolicyTrainer:
+    """Model + optimizer + materializer; ``step`` does materialize -> forward -> loss -> update."""
+
+    def __init__(self, model: torch.nn.Module, *, store: ImageStore, spec: LayoutSpec, processor, config: TrainConfig,
+                 image_token_ids: Iterable[int], materializer: Materializer | None = None) -> None:
+        self.model, self.spec, self.config = model, spec, config
+        self.image_token_ids = frozenset(image_token_ids)
+        self.materializer = materializer or Materializer(store, spec, processor,
+                                                         missing_image_policy=config.missing_image_policy)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.rope_index = _rope_index_of(model)
+
+    def forward(self, batch: MaterializedRow) -> RowOutput:
+        return forward_row(self.model, batch, self.rope_index, self.image_token_ids, self.spec.merge_size)
+
+    def step(self, micro_batches: Sequence[MicroBatch], normalizer: int | None = None) -> StepMetrics:
+        """One optimizer step over ``micro_batches`` (gradients accumulated across them)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        normalizer = normalizer or max(1, sum(mb.num_loss_tokens for mb in micro_batches))
+        times = dict(materialize=0.0, forward=0.0, backward=0.0)
+        sums = dict(loss=0.0, entropy=0.0, clipped=0, mismatch=0.0, tokens=0, masked=0)
+        before = (self.materializer.stats.images_processed, self.materializer.stats.missing_images)
+        for micro_batch in micro_batches:
+            start = time.perf_counter()
+            rows = self.materializer.materialize(micro_batch.rows)
+            times["materialize"] += time.perf_counter() - start
+            for batch in rows:
+                start = time.perf_counter()
+                out = self.forward(batch)
+                device = out.logprobs.device
+                row = batch.row
+                result = policy_loss(
+                    out.logprobs, torch.tensor(row.inference_logprobs[1:], device=device),
+                    torch.tensor(row.advantages[1:], device=device), out.loss_mask, out.entropy,
+                    self.config.clip_low, self.config.clip_high,
+                )
+                times["forward"] += time.perf_counter() - start
+                start = time.perf_counter()
+                (result.loss_sum / normalizer).backward()
+                times["backward"] += time.perf_counter() - start
+                sums["loss"] += float(result.loss_sum.detach())
+                sums["entropy"] += result.entropy_sum
+                sums["clipped"] += result.clipped
+                sums["mismatch"] += result.mismatch_kl_sum
+                sums["tokens"] += result.tokens
+                sums["masked"] += out.masked_sampled_image_tokens
+        start = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        optimizer_s = time.perf_counter() - start
+        tokens = max(1, sums["tokens"])
+        stats = self.materializer.stats
+        return StepMetrics(
+            loss=sums["loss"] / normalizer, entropy=sums["entropy"] / tokens, clip_fraction=sums["clipped"] / tokens,
+            mismatch_kl=sums["mismatch"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
+            images_processed=stats.images_processed - before[0], missing_images=stats.missing_images - before[1],
+            masked_sampled_image_tokens=sums["masked"], materialize_s=times["materialize"],
+            forward_s=times["forward"], backward_s=times["backward"], optimizer_s=optimizer_s,
+        )
+
+
+def _rope_index_of(model: torch.nn.Module):
+    """The model's ``get_rope_index`` (Qwen-VL models keep it on the inner ``.model``)."""
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "module", inner)  # unwrap DDP
+    if not hasattr(inner, "get_rope_index"):
+        raise TypeError(f"{type(model).__name__} has no get_rope_index; mmref packs Qwen-VL models only")
+    return inner.get_rope_index
