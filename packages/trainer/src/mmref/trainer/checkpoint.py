@@ -1,7 +1,8 @@
 """Checkpoints the inference server's ``/update_weights`` loads.
 
-A checkpoint is a directory in transformers' ``save_pretrained`` layout (``config.json`` +
-``model.safetensors``) plus ``mmref.json`` with the family and the weight version::
+A checkpoint is a directory with the model's ``config.json``, its state dict as
+``model.safetensors`` (key names exactly as in the live module, tied weights once) and
+``mmref.json`` with the family and the weight version::
 
     ckpt/step-000012/
       config.json  model.safetensors  mmref.json   {"family": "qwen2-vl", "weight_version": 12}
@@ -13,8 +14,7 @@ import json
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_model, save_model
 from transformers import PreTrainedModel
 
 
@@ -22,7 +22,9 @@ def save_checkpoint(model: PreTrainedModel, directory: str | Path, family: str, 
     """Write the model atomically (temp dir + rename) and return the directory."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
     (tmp / "mmref.json").write_text(json.dumps({"family": family, "weight_version": weight_version}))
     if directory.exists():
         for child in directory.iterdir():
@@ -41,19 +43,13 @@ def read_checkpoint_meta(directory: str | Path) -> dict:
 
 
 def load_weights_into(model: PreTrainedModel, directory: str | Path) -> int:
-    """Load a checkpoint's weights into an existing model of the same architecture; returns its version."""
+    """Load a checkpoint's weights into a model of the same architecture; returns its weight version."""
     meta = read_checkpoint_meta(directory)
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {directory} has no .safetensors file")
-    state = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+    path = Path(directory) / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {directory} has no model.safetensors")
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    with torch.no_grad():
-        model.tie_weights()
     return int(meta["weight_version"])

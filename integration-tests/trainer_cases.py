@@ -1,0 +1,57 @@
+"""Shared builders for trainer tests: samples whose image slots point at real stored images."""
+
+from __future__ import annotations
+
+import functools
+
+from PIL import Image
+
+from mmref.renderers import ImageStore, layout_spec, make_ref
+from mmref.renderers.refs import ImageSlot
+from mmref.trainer.models import QWEN_VISION_TOKEN_IDS, build_image_processor, build_tiny_model
+from mmref.trainer.samples import TrainingSample
+
+PAD = QWEN_VISION_TOKEN_IDS["image_token_id"]
+START, END = QWEN_VISION_TOKEN_IDS["vision_start_token_id"], QWEN_VISION_TOKEN_IDS["vision_end_token_id"]
+IMAGE_TOKENS = frozenset({151652, 151653, 151654, 151655, 151656})
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+
+
+def small_spec(family: str):
+    """A layout with few tokens per image, to keep CPU tests fast."""
+    return layout_spec(family, max_pixels=128 * 128)
+
+
+@functools.cache
+def tiny(family: str):
+    return build_tiny_model(family)
+
+
+@functools.cache
+def processor(family: str):
+    return build_image_processor(small_spec(family))
+
+
+def color_image(index: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    return Image.new("RGB", size, ((53 * index) % 256, (97 * index) % 256, 90))
+
+
+def make_sample(store: ImageStore, family: str, pre: int, images: list[tuple[int, tuple[int, int]]], post: int,
+                sampled: int = 0, advantage: float = 0.0, logprob: float = 0.0) -> TrainingSample:
+    """``pre`` text tokens, then each (image index, size) as start+pads+end+2 text tokens, then ``post``.
+
+    The last ``sampled`` tokens are marked sampled, with the given advantage and logprob.
+    """
+    spec = small_spec(family)
+    ids, slots = list(range(100, 100 + pre)), []
+    for index, size in images:
+        ref = make_ref(spec, store.put_image(color_image(index, size)))
+        ids.append(START)
+        slots.append(ImageSlot(ref=ref, offset=len(ids), length=ref.num_tokens))
+        ids += [PAD] * ref.num_tokens + [END, 7, 8]
+    ids += list(range(200, 200 + post))
+    n = len(ids)
+    mask = [i >= n - sampled for i in range(n)]
+    return TrainingSample(family=family, token_ids=ids, loss_mask=mask,
+                          advantages=[advantage if m else 0.0 for m in mask],
+                          inference_logprobs=[logprob if m else 0.0 for m in mask], images=slots, image_pad_id=PAD)

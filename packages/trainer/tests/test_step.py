@@ -1,0 +1,118 @@
+"""Forward checks, the policy loss, a full step on each tiny model, and checkpoint round trips."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmref.renderers import ImageStore
+from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta, save_checkpoint
+from mmref.trainer.errors import ImageTokenMismatchError
+from mmref.trainer.forward import forward_row
+from mmref.trainer.loss import policy_loss
+from mmref.trainer.materialize import Materializer
+from mmref.trainer.models import build_tiny_model
+from mmref.trainer.pack import MicroBatch, pack
+from mmref.trainer.run_config import TrainConfig
+from mmref.trainer.step import PolicyTrainer
+from trainer_cases import FAMILIES, IMAGE_TOKENS, PAD, make_sample, processor, small_spec
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ImageStore(tmp_path / "store")
+
+
+def trainer_for(family, store, model=None, **config):
+    model = model or build_tiny_model(family)
+    return PolicyTrainer(model, store=store, spec=small_spec(family), processor=processor(family),
+                         config=TrainConfig(lr=1e-2, **config), image_token_ids=IMAGE_TOKENS)
+
+
+def materialized(store, sample, family="qwen2-vl"):
+    return Materializer(store, small_spec(family), processor(family)).materialize(pack([sample], 4096))[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_is_finite_reaches_the_vision_tower_and_changes_weights(family, store):
+    samples = [make_sample(store, family, 3, [(i, (64, 48))], 4, sampled=3, advantage=(-1) ** i, logprob=-11.0)
+               for i in range(4)]
+    trainer = trainer_for(family, store)
+    vision = trainer.model.model.visual.patch_embed.proj.weight
+    before = vision.detach().clone()
+    metrics = trainer.step([MicroBatch(0, pack(samples, 4096))])
+    assert all(torch.isfinite(torch.tensor(v)) for v in dataclasses.astuple(metrics))
+    assert metrics.loss_tokens == 12 and metrics.images_processed == 4 and metrics.grad_norm > 0
+    assert not torch.equal(vision.detach(), before)
+
+
+def test_pad_count_that_disagrees_with_grids_fails_before_the_vision_tower(store):
+    sample = make_sample(store, "qwen2-vl", 3, [(1, (64, 48))], 2)
+    batch = materialized(store, sample)
+    broken = dataclasses.replace(batch, image_grid_thw=batch.image_grid_thw * torch.tensor([[1, 2, 1]]))
+    with pytest.raises(ImageTokenMismatchError, match=rf"{sample.images[0].length} image-pad tokens \(id {PAD}\).*"
+                                                      rf"{sample.images[0].length * 2} features; assets: "):
+        forward_row(build_tiny_model("qwen2-vl"), broken, None, IMAGE_TOKENS, 2)
+
+
+def test_sampled_image_tokens_are_rejected_or_masked(store):
+    sample = make_sample(store, "qwen2-vl", 3, [(1, (64, 48))], 3)
+    batch = materialized(store, sample)
+    start = sample.images[0].offset - 1  # <|vision_start|> marked as sampled: a corrupted trace
+    mask = batch.loss_mask.clone()
+    mask[start] = True
+    corrupted = dataclasses.replace(batch, loss_mask=mask)
+    model = build_tiny_model("qwen2-vl")
+    with pytest.raises(ImageTokenMismatchError, match=f"positions \\[{start}\\]"):
+        forward_row(model, corrupted, model.model.get_rope_index, IMAGE_TOKENS, 2)
+    out = forward_row(model, corrupted, model.model.get_rope_index, IMAGE_TOKENS, 2, sampled_image_tokens="mask")
+    assert out.masked_sampled_image_tokens == 1 and not out.loss_mask.any()
+
+
+def test_logprobs_never_put_mass_on_image_tokens(store):
+    sample = make_sample(store, "qwen2-vl", 3, [(1, (64, 48))], 3, sampled=3)
+    model = build_tiny_model("qwen2-vl")
+    out = forward_row(model, materialized(store, sample), model.model.get_rope_index, IMAGE_TOKENS, 2)
+    banned = torch.isin(torch.tensor(sample.token_ids[1:]), torch.tensor(sorted(IMAGE_TOKENS)))
+    assert banned.sum() == sample.images[0].length + 2  # pads, vision start and end
+    assert torch.isinf(out.logprobs[banned]).all() and torch.isfinite(out.logprobs[~banned]).all()
+
+
+def test_policy_loss_clips_asymmetrically_and_counts():
+    logp = torch.tensor([0.0, 0.0, 0.0, -5.0], requires_grad=True)
+    inference = torch.log(torch.tensor([0.5, 2.0, 1.0, 1.0]))  # ratios 2.0, 0.5, 1.0, ~0
+    advantages = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    mask = torch.tensor([True, True, True, False])
+    out = policy_loss(logp, inference, advantages, mask, torch.zeros(4), clip_low=0.2, clip_high=0.28)
+    # token 0: min(2*1, 1.28*1) = 1.28; token 1: min(0.5*-1, 0.8*-1) = -0.8; token 2: 1.0
+    assert out.loss_sum.item() == pytest.approx(-(1.28 - 0.8 + 1.0))
+    assert (out.tokens, out.clipped) == (3, 2)
+    out.loss_sum.backward()
+    assert logp.grad[0] == 0 and logp.grad[3] == 0 and logp.grad[2] != 0
+
+
+def test_policy_loss_kl_term_is_zero_at_the_reference():
+    logp = torch.tensor([-1.0, -2.0])
+    mask = torch.tensor([True, True])
+    base = policy_loss(logp, logp, torch.ones(2), mask, torch.zeros(2))
+    with_kl = policy_loss(logp, logp, torch.ones(2), mask, torch.zeros(2), kl_coef=0.5, ref_logprobs=logp)
+    assert with_kl.loss_sum.item() == pytest.approx(base.loss_sum.item())
+    far = policy_loss(logp, logp, torch.ones(2), mask, torch.zeros(2), kl_coef=0.5, ref_logprobs=logp - 1)
+    assert far.loss_sum.item() > base.loss_sum.item()
+
+
+def test_checkpoint_round_trip_reproduces_logprobs(store, tmp_path):
+    sample = make_sample(store, "qwen2-vl", 3, [(1, (64, 48))], 4, sampled=3, advantage=1.0, logprob=-11.0)
+    trainer = trainer_for("qwen2-vl", store)
+    trainer.step([MicroBatch(0, pack([sample], 4096))])
+    path = save_checkpoint(trainer.model, tmp_path / "ckpt" / "step-1", "qwen2-vl", weight_version=1)
+    assert read_checkpoint_meta(path) == {"family": "qwen2-vl", "weight_version": 1}
+    fresh = build_tiny_model("qwen2-vl", seed=123)
+    assert load_weights_into(fresh, path) == 1
+    batch = materialized(store, sample)
+    trainer.model.eval()
+    with torch.no_grad():
+        a = forward_row(trainer.model, batch, trainer.rope_index, IMAGE_TOKENS, 2).logprobs
+        b = forward_row(fresh, batch, fresh.model.get_rope_index, IMAGE_TOKENS, 2).logprobs
+    finite = torch.isfinite(a)
+    assert torch.allclose(a[finite], b[finite], atol=1e-6)
