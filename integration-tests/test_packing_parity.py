@@ -22,7 +22,7 @@ def row_logits(model, family, store, row):
     hook = model.lm_head.register_forward_hook(keep)
     try:
         with torch.no_grad():
-            forward_row(model, materialized, model.model.get_rope_index, IMAGE_TOKENS, 2)
+            forward_row(model, materialized, model.model.get_rope_index, IMAGE_TOKENS, 2, positions="all")
     finally:
         hook.remove()
     return captured["logits"]

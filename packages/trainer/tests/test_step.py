@@ -72,7 +72,7 @@ def test_sampled_image_tokens_are_rejected_or_masked(store):
 def test_logprobs_never_put_mass_on_image_tokens(store):
     sample = make_sample(store, "qwen2-vl", 3, [(1, (64, 48))], 3, sampled=3)
     model = build_tiny_model("qwen2-vl")
-    out = forward_row(model, materialized(store, sample), model.model.get_rope_index, IMAGE_TOKENS, 2)
+    out = forward_row(model, materialized(store, sample), model.model.get_rope_index, IMAGE_TOKENS, 2, positions="all")
     banned = torch.isin(torch.tensor(sample.token_ids[1:]), torch.tensor(sorted(IMAGE_TOKENS)))
     assert banned.sum() == sample.images[0].length + 2  # pads, vision start and end
     assert torch.isinf(out.logprobs[banned]).all() and torch.isfinite(out.logprobs[~banned]).all()
@@ -112,7 +112,7 @@ def test_checkpoint_round_trip_reproduces_logprobs(store, tmp_path):
     batch = materialized(store, sample)
     trainer.model.eval()
     with torch.no_grad():
-        a = forward_row(trainer.model, batch, trainer.rope_index, IMAGE_TOKENS, 2).logprobs
-        b = forward_row(fresh, batch, fresh.model.get_rope_index, IMAGE_TOKENS, 2).logprobs
+        a = forward_row(trainer.model, batch, trainer.rope_index, IMAGE_TOKENS, 2, positions="all").logprobs
+        b = forward_row(fresh, batch, fresh.model.get_rope_index, IMAGE_TOKENS, 2, positions="all").logprobs
     finite = torch.isfinite(a)
     assert torch.allclose(a[finite], b[finite], atol=1e-6)

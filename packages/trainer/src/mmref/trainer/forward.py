@@ -58,8 +58,13 @@ def sampled_image_token_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor, i
 
 
 def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex, image_token_ids: Iterable[int],
-                merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error") -> RowOutput:
-    """Run the model on a packed row; per-token logprobs and entropy under the image-token mask."""
+                merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error",
+                positions: Literal["loss", "all"] = "loss") -> RowOutput:
+    """Run the model on a packed row; per-token logprobs and entropy under the image-token mask.
+
+    ``positions="loss"`` computes them only where the loss needs them (0 elsewhere): the full
+    (L, vocab) float32 softmax of a 4k-token row over Qwen's 152k vocab is 2.5 GB per copy.
+    """
     image_token_ids = frozenset(image_token_ids)
     check_image_tokens(batch, merge_size)
     loss_mask = batch.loss_mask.clone()
@@ -72,14 +77,19 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
         loss_mask &= ~bad
     device = next(model.parameters()).device
     position_ids = row_position_ids(rope_index, batch.row).to(device)  # (4, 1, L)
+    targets = batch.input_ids[0, 1:].to(device)
+    keep = loss_mask[1:].to(device) if positions == "loss" else torch.ones_like(targets, dtype=torch.bool)
+    index = keep.nonzero().flatten()  # positions whose next token we score
     kwargs = {}
     if batch.pixel_values is not None:
         kwargs = dict(pixel_values=batch.pixel_values.to(device), image_grid_thw=batch.image_grid_thw.to(device))
-    logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids,
+    # logits_to_keep: the LM head (and its backward) runs only where a logprob is needed.
+    logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, logits_to_keep=index,
                    mm_token_type_ids=batch.mm_token_type_ids.to(device), use_cache=False, **kwargs).logits[0]
-    logp = masked_log_softmax(logits[:-1], image_token_ids)  # (L-1, V)
-    targets = batch.input_ids[0, 1:].to(device)
-    token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+    logp = masked_log_softmax(logits, image_token_ids)  # (K, V)
     probs = logp.exp()
-    entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+    token_logp = torch.zeros(targets.shape, dtype=logp.dtype, device=device)
+    entropy = torch.zeros_like(token_logp)
+    token_logp = token_logp.index_put((index,), logp.gather(-1, targets[index, None]).squeeze(-1))
+    entropy = entropy.index_put((index,), -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1))
     return RowOutput(token_logp, entropy, loss_mask[1:].to(device), int(bad.sum()))
