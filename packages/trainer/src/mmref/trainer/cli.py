@@ -15,6 +15,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mmref.renderers.store import ImageStore
+    from mmref.trainer.inference import create_app, load_served_model
+
+    served = load_served_model(args.model, engine=args.engine, device=args.device,
+                               min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    app = create_app(served, ImageStore(args.store), cache_bytes=args.cache_mb * 2**20)
+    print(f"mmref serve: {served.name} ({served.family}, fingerprint {served.spec.fingerprint[:12]}) "
+          f"on http://{args.host}:{args.port}, store {args.store}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mmref", description="RL for vision-language models with image refs")
@@ -22,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write generated screenshots to a store and print their refs and layouts")
     demo.add_argument("--store", help="store root (directory or fsspec URL); default: a new temp dir")
     demo.set_defaults(func=_demo)
+    serve = sub.add_parser("serve", help="run the inference server (refs in, completions and logprobs out)")
+    serve.add_argument("--model", default="tiny-qwen2-vl", help="checkpoint directory or tiny-<family> (default)")
+    serve.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    serve.add_argument("--store", required=True, help="image store root (directory or fsspec URL)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--min-pixels", type=int, help="override the processor's min_pixels")
+    serve.add_argument("--max-pixels", type=int, help="override the processor's max_pixels")
+    serve.add_argument("--cache-mb", type=int, default=512, help="feature cache budget in MiB")
+    serve.set_defaults(func=_serve)
     return parser
 
 

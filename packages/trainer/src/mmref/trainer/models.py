@@ -127,3 +127,14 @@ def family_of(model: PreTrainedModel) -> str:
 def processor_spec(family: str, processor: Qwen2VLImageProcessorPil) -> LayoutSpec:
     """The layout spec a live processor implements (its fingerprint is what refs must match)."""
     return spec_from_image_processor(family, processor)
+
+
+def image_token_ids_of(model: PreTrainedModel) -> frozenset[int]:
+    """Ids of every image special token of a Qwen-VL model (never to be sampled)."""
+    config = model.config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ids = {int(getattr(config, n)) for n in names if getattr(config, n, None) is not None}
+    vocab = getattr(getattr(config, "text_config", config), "vocab_size", 0)
+    if vocab > 151_654:  # Qwen2 vocabulary: <|vision_pad|> too
+        ids.add(151_654)
+    return frozenset(ids)

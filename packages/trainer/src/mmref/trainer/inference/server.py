@@ -1,0 +1,105 @@
+"""The inference server: FastAPI app over an engine, the image store and the feature cache.
+
+| endpoint                     | does                                                        |
+|------------------------------|-------------------------------------------------------------|
+| POST /inference/v1/generate  | validate refs, load features (cached), sample, logprobs     |
+| GET  /v1/models              | the served model with ``max_model_len``                     |
+| POST /update_weights         | load a checkpoint directory; returns the new weight version |
+| GET  /health                 | liveness                                                    |
+| GET  /metrics                | Prometheus text                                             |
+
+Bad input is a 4xx with ``{"error": {"message", "type", "detail"}}``; never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from mmref.renderers.errors import AssetNotFoundError, MMRefError
+from mmref.renderers.store import ImageStore
+from mmref.trainer.inference.api import GenerateRequest, GenerateResponse, UpdateWeightsRequest
+from mmref.trainer.inference.feature_cache import FeatureCache
+from mmref.trainer.inference.metrics import ServerMetrics
+from mmref.trainer.inference.serving import ServedModel
+from mmref.trainer.inference.validate import RequestError, validate_request
+from mmref.trainer.pixels import process_pixels
+
+
+def error_response(status: int, message: str, kind: str, detail: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "detail": detail or {}}}, status_code=status)
+
+
+def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 2**20) -> FastAPI:
+    """The server app (run it with uvicorn)."""
+    app = FastAPI(title="mmref inference server")
+    cache, metrics = FeatureCache(cache_bytes), ServerMetrics()
+    app.state.served, app.state.cache, app.state.metrics = served, cache, metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(400, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.post("/inference/v1/generate")
+    async def generate(body: GenerateRequest) -> JSONResponse:
+        start = time.perf_counter()
+        try:
+            response = await _generate(served, store, cache, body)
+            metrics.tokens_generated += sum(len(c.token_ids) for c in response.choices)
+            result = JSONResponse(response.model_dump())
+        except RequestError as exc:
+            result = error_response(exc.status, str(exc), exc.kind, exc.detail)
+        except AssetNotFoundError as exc:
+            result = error_response(400, str(exc), "image_not_found")
+        except MMRefError as exc:
+            result = error_response(400, str(exc), "invalid_image")
+        except Exception as exc:  # an engine fault: the server stays up and says what broke
+            result = error_response(500, f"engine error: {type(exc).__name__}: {exc}", "server_error")
+        metrics.observe(result.status_code, time.perf_counter() - start)
+        return result
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "owned_by": "mmref",
+                                            "family": served.family, "fingerprint": served.spec.fingerprint,
+                                            "max_model_len": served.engine.max_model_len,
+                                            "weight_version": served.engine.weight_version}]}
+
+    @app.post("/update_weights")
+    async def update_weights(body: UpdateWeightsRequest) -> JSONResponse:
+        try:
+            version = await served.engine.update_weights(body.path)
+        except (FileNotFoundError, ValueError) as exc:
+            return error_response(400, str(exc), "invalid_checkpoint")
+        cache_note = "features stay valid: they depend on the processor, not on the weights"
+        return JSONResponse({"weight_version": version, "note": cache_note})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "weight_version": served.engine.weight_version}
+
+    @app.get("/metrics")
+    async def metrics_page() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(cache.stats, cache.bytes, served.engine.weight_version))
+
+    return app
+
+
+async def _generate(served: ServedModel, store: ImageStore, cache: FeatureCache, body: GenerateRequest) -> GenerateResponse:
+    slots = validate_request(body, served.spec, served.image_pad_id, served.engine.max_model_len)
+
+    def loader(ref):
+        return lambda: process_pixels(store.read(ref), ref, served.processor, stage="inference server")
+
+    features = await asyncio.gather(*(cache.get(s.ref, loader(s.ref)) for s in slots))
+    types = [0] * len(body.token_ids)
+    for slot in slots:
+        types[slot.offset:slot.end] = [1] * slot.length
+    choices = await served.engine.generate(body.token_ids, list(features), types, body.sampling,
+                                           [s.ref.sha256 for s in slots])
+    return GenerateResponse(choices=choices, weight_version=served.engine.weight_version)
