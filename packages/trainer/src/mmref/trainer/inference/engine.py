@@ -60,12 +60,15 @@ class TransformersEngine:
         self.max_model_len = int(text.max_position_embeddings)
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = threading.Lock()
 
     async def generate(self, prompt_ids, features, mm_token_type_ids, sampling, image_sha256=()) -> list[Choice]:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._worker is None or self._worker.done():
+            # The queue and its worker belong to one event loop; a new loop gets its own.
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(prompt_ids, features, mm_token_type_ids, sampling, future))
         return await future

@@ -1,0 +1,87 @@
+"""The transformers engine: logprob parity with the trainer, the image-token mask, weight updates."""
+
+import asyncio
+
+import pytest
+import torch
+
+from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.forward import forward_row
+from mmref.trainer.materialize import Materializer
+from mmref.trainer.models import image_token_ids_of
+from mmref.trainer.pack import pack
+from mmref.trainer.samples import TrainingSample
+from mmref.renderers.refs import ImageSlot
+from inference_cases import PAD, app_and_store, client, prompt_with_images, served, stored_refs
+
+
+def generate(app, ids, slots, **sampling):
+    async def call():
+        async with client(app) as c:
+            return await c.post("/inference/v1/generate", json={"token_ids": ids, "images": slots, "sampling": sampling})
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_engine_logprobs_equal_trainer_teacher_forced_forward(family):
+    model = served(family)
+    app, store = app_and_store(model)
+    refs = stored_refs(model, store, 2)
+    ids, slots = prompt_with_images(refs)
+    response = generate(app, ids, slots, max_tokens=6, n=2, seed=3)
+    assert response.status_code == 200, response.text
+    hf_model = model.engine.model
+    for choice in response.json()["choices"]:
+        completion = choice["token_ids"]
+        tokens = ids + completion
+        n = len(tokens)
+        mask = [i >= len(ids) for i in range(n)]
+        sample = TrainingSample(family, tokens, mask, [0.0] * n, [0.0] * n,
+                                [ImageSlot(ref=r, offset=s["offset"], length=s["length"]) for r, s in zip(refs, slots)], PAD)
+        row = Materializer(store, model.spec, model.processor).materialize(pack([sample], 10**6))[0]
+        with torch.no_grad():
+            out = forward_row(hf_model, row, hf_model.model.get_rope_index, image_token_ids_of(hf_model),
+                              model.spec.merge_size)
+        trainer = out.logprobs[len(ids) - 1:]
+        assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+
+
+def test_high_temperature_never_samples_image_tokens():
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    ids, slots = prompt_with_images(stored_refs(model, store, 1))
+    # Without the mask a random 152k-vocab model would hit one of 5 image tokens in ~1/30k draws;
+    # bias the logits towards them so the mask is what keeps them out.
+    lm_head = model.engine.model.lm_head
+    banned = sorted(model.engine.image_token_ids)
+    with torch.no_grad():
+        saved = lm_head.weight[banned].clone()
+        lm_head.weight[banned] *= 50
+    try:
+        response = generate(app, ids, slots, max_tokens=32, n=16, temperature=5.0, seed=0)
+    finally:
+        with torch.no_grad():
+            lm_head.weight[banned] = saved
+    sampled = {t for c in response.json()["choices"] for t in c["token_ids"]}
+    assert len(sampled) > 50 and not sampled & set(banned)
+    assert all(all(lp > float("-inf") for lp in c["logprobs"]) for c in response.json()["choices"])
+
+
+def test_weight_update_changes_logprobs_and_version(tmp_path):
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    ids, slots = prompt_with_images(stored_refs(model, store, 1))
+    before = generate(app, ids, slots, max_tokens=4, seed=5, temperature=0).json()
+    trained = served("qwen2-vl").engine.model
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = save_checkpoint(trained, tmp_path / "step-1", "qwen2-vl", weight_version=1)
+
+    async def update():
+        async with client(app) as c:
+            return await c.post("/update_weights", json={"path": str(path)})
+    assert asyncio.run(update()).json()["weight_version"] == 1
+    after = generate(app, ids, slots, max_tokens=4, seed=5, temperature=0).json()
+    assert after["weight_version"] == 1 and before["weight_version"] == 0
+    assert after["choices"][0]["logprobs"] != before["choices"][0]["logprobs"]
