@@ -8,7 +8,11 @@ Each names the image (asset, sha256), the expected and actual values, and the st
           ├── PackingError (ValueError)         a sample that cannot be placed in a row
           ├── MissingImageError (FileNotFoundError)  a ref whose bytes this rank cannot read
           ├── ImageTokenMismatchError (ValueError)   pad tokens vs features the grids produce
-          └── RankFailedError (RuntimeError)    another rank of the job failed (see distributed)
+          ├── RankFailedError (RuntimeError)    another rank of the job failed (see distributed)
+          └── TransportError (RuntimeError)     the micro-batch transport (see transport)
+               ├── ReadyTimeoutError (TimeoutError)    ranks that never sent READY; names them
+               ├── ReceiveTimeoutError (TimeoutError)  no micro-batches within the receive timeout
+               └── StepMismatchError                   a step tag that is not the expected one
 """
 
 from __future__ import annotations
@@ -38,3 +42,19 @@ class ImageTokenMismatchError(TrainerError, ValueError):
 
 class RankFailedError(TrainerError, RuntimeError):
     """A distributed job stopped because some rank failed; the message names the rank and cause."""
+
+
+class TransportError(TrainerError, RuntimeError):
+    """The micro-batch transport between the packer and the trainer ranks failed."""
+
+
+class ReadyTimeoutError(TransportError, TimeoutError):
+    """Some ranks did not connect and send READY within the timeout; the message lists them."""
+
+
+class ReceiveTimeoutError(TransportError, TimeoutError):
+    """A rank waited longer than its receive timeout for its micro-batches."""
+
+
+class StepMismatchError(TransportError):
+    """A message whose step tag is not the one the rank expected (a gap or a stale step)."""

@@ -1,0 +1,145 @@
+"""Transport: per-rank routing, READY barrier, step tags, timeouts, refs-only payloads."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from mmref.renderers.errors import RefError
+from mmref.trainer.errors import ReadyTimeoutError, ReceiveTimeoutError, StepMismatchError, TransportError
+from mmref.trainer.transport import (
+    InMemoryHub,
+    TransportAddresses,
+    TransportLimits,
+    ZmqReceiver,
+    ZmqSender,
+    deal,
+    topic,
+)
+
+FAST = TransportLimits(ready_timeout_s=1.0, recv_timeout_s=0.5, send_timeout_s=1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def addresses() -> TransportAddresses:
+    return TransportAddresses.loopback(_free_port(), _free_port())
+
+
+def _mb(tag: str) -> dict:
+    return {"step": 0, "rows": [{"tag": tag, "images": ["mmref:v1:abc"]}]}
+
+
+def test_deal_gives_every_rank_the_same_count_with_padding():
+    assert deal(["a", "b", "c"], 2, lambda r: f"pad{r}") == [["a", "c"], ["b", "pad1"]]
+    assert deal([], 3, lambda r: f"pad{r}") == [["pad0"], ["pad1"], ["pad2"]]
+
+
+def test_topic_of_rank_1_is_not_a_prefix_of_rank_10():
+    assert not topic(10).startswith(topic(1))
+
+
+@pytest.mark.timeout(30)
+def test_zmq_routes_each_rank_exactly_its_own_micro_batches(addresses):
+    sender = ZmqSender(addresses, world_size=3, limits=FAST)
+    receivers = [ZmqReceiver(addresses, rank=r, limits=FAST) for r in range(3)]
+    try:
+        sender.wait_ready()
+        per_rank = [[_mb(f"r{r}s{s}") for s in range(2)] for r in range(3)]
+        sent = sender.send_step(0, per_rank)
+        got = [rx.recv_step(0) for rx in receivers]
+        assert got == per_rank
+        assert sent == sum(rx.bytes_received for rx in receivers)
+        sender.send_step(1, per_rank[::-1])
+        assert [rx.recv_step(1) for rx in receivers] == per_rank[::-1]
+    finally:
+        for rx in receivers:
+            rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(30)
+def test_ready_timeout_names_the_missing_ranks(addresses):
+    sender = ZmqSender(addresses, world_size=3, limits=FAST)
+    rx = ZmqReceiver(addresses, rank=1, limits=FAST)
+    try:
+        with pytest.raises(ReadyTimeoutError, match=r"ranks \[0, 2\]"):
+            sender.wait_ready()
+    finally:
+        rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(30)
+def test_receiver_raises_on_step_mismatch(addresses):
+    sender = ZmqSender(addresses, world_size=1, limits=FAST)
+    rx = ZmqReceiver(addresses, rank=0, limits=FAST)
+    try:
+        sender.wait_ready()
+        sender.send_step(5, [[_mb("x")]])
+        with pytest.raises(StepMismatchError, match="expected micro-batches for step 4 but received step 5"):
+            rx.recv_step(4)
+    finally:
+        rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(30)
+def test_receiver_reports_a_dropped_step_as_a_gap(addresses):
+    sender = ZmqSender(addresses, world_size=1, limits=FAST)
+    rx = ZmqReceiver(addresses, rank=0, limits=FAST)
+    try:
+        sender.wait_ready()
+        sender.send_step(0, [[_mb("a")]])
+        assert rx.recv_step(0) == [_mb("a")]
+        sender.send_step(2, [[_mb("c")]])  # step 1 never sent: a dropped message
+        with pytest.raises(StepMismatchError, match=r"gap: steps 1\.\.1 never arrived"):
+            rx.recv_step(1)
+    finally:
+        rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(30)
+def test_receive_timeout_raises_instead_of_hanging(addresses):
+    rx = ZmqReceiver(addresses, rank=0, limits=FAST)
+    try:
+        with pytest.raises(ReceiveTimeoutError, match="rank 0 received no micro-batches for step 0 within 0.5s"):
+            rx.recv_step(0)
+    finally:
+        rx.close()
+
+
+@pytest.mark.timeout(30)
+def test_sender_refuses_pixel_payloads_and_unequal_counts(addresses):
+    sender = ZmqSender(addresses, world_size=2, limits=FAST)
+    try:
+        with pytest.raises(RefError, match="pixel_values"):
+            sender.send_step(0, [[{"rows": [{"pixel_values": [0.0]}]}], [_mb("b")]])
+        with pytest.raises(TransportError, match="unequal micro-batch counts"):
+            sender.send_step(0, [[_mb("a")], []])
+    finally:
+        sender.close()
+
+
+def test_in_memory_hub_matches_zmq_semantics():
+    hub = InMemoryHub(2, limits=FAST)
+    sender = hub.sender()
+    with pytest.raises(ReadyTimeoutError, match=r"ranks \[0, 1\]"):
+        sender.wait_ready()
+    rx = [hub.receiver(r) for r in range(2)]
+    sender.wait_ready()
+    sender.send_step(0, [[_mb("a")], [_mb("b")]])
+    assert rx[1].recv_step(0) == [_mb("b")]
+    assert rx[0].recv_step(0) == [_mb("a")]
+    sender.send_step(2, [[_mb("a")], [_mb("b")]])
+    with pytest.raises(StepMismatchError, match="gap"):
+        rx[0].recv_step(1)
+    with pytest.raises(ReceiveTimeoutError):
+        rx[0].recv_step(1)
