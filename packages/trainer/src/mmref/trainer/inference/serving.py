@@ -55,12 +55,10 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
                                 ("max_pixels", max_pixels or meta.get("max_pixels"))) if v}
     processor = build_image_processor(layout_spec(family, **pixels))
     stops = meta.get("stop_token_ids") or list(QWEN_STOPS)
-    if engine == "vllm":
-        from mmref.trainer.inference.vllm_engine import VLLMEngine
-
-        served_engine: Engine = VLLMEngine.from_checkpoint(model, family)
-    else:
-        served_engine = TransformersEngine(hf_model, image_token_ids_of(hf_model), stops,
+    if engine != "transformers":
+        raise ValueError(f"engine {engine!r} is not available in this build: the vLLM request translation exists "
+                         "(mmref.trainer.inference.vllm_engine) but is not wired to a server engine yet")
+    served_engine: Engine = TransformersEngine(hf_model, image_token_ids_of(hf_model), stops,
                                            pad_token_id=meta.get("pad_token_id", stops[0]), device=device,
                                            weight_version=int(meta.get("weight_version", 0)))
     return ServedModel(model, family, processor_spec(family, processor), processor, served_engine,

@@ -1,0 +1,41 @@
+"""Our requests in vLLM's types (pure translation; vLLM itself is not needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from mmref.trainer.inference.api import SamplingParams
+from mmref.trainer.inference.serving import load_served_model
+from mmref.trainer.inference.vllm_engine import BANNED_LOGIT_BIAS, choices_from_output, sampling_kwargs, tokens_prompt
+
+
+def test_tokens_prompt_keys_images_by_sha256():
+    prompt = tokens_prompt([1, 2, 3], ["img-a", "img-b"], ["a" * 64, "b" * 64])
+    assert prompt == {"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"image": ["img-a", "img-b"]},
+                      "multi_modal_uuids": {"image": ["a" * 64, "b" * 64]}}
+    assert tokens_prompt([1], [], []) == {"prompt_token_ids": [1]}
+    with pytest.raises(ValueError, match="2 images but 1 hashes"):
+        tokens_prompt([1], ["x", "y"], ["a" * 64])
+
+
+def test_sampling_bans_image_tokens_and_merges_stops():
+    kwargs = sampling_kwargs(SamplingParams(n=4, temperature=0.7, max_tokens=9, stop_token_ids=[7], seed=3),
+                             banned_token_ids=[151655, 151652], stop_token_ids=[151645])
+    assert kwargs["logit_bias"] == {151655: BANNED_LOGIT_BIAS, 151652: BANNED_LOGIT_BIAS}
+    assert kwargs["stop_token_ids"] == [7, 151645] and kwargs["n"] == 4 and kwargs["logprobs"] == 0
+
+
+def test_choices_from_request_output():
+    step = lambda token, lp: {token: SimpleNamespace(logprob=lp)}  # noqa: E731
+    output = SimpleNamespace(outputs=[
+        SimpleNamespace(token_ids=[5, 151645], logprobs=[step(5, -0.5), step(151645, -0.1)], finish_reason="stop"),
+        SimpleNamespace(token_ids=[6], logprobs=[step(6, -2.0)], finish_reason="length"),
+    ])
+    choices = choices_from_output(output)
+    assert [(c.token_ids, c.logprobs, c.finish_reason) for c in choices] == [
+        ([5, 151645], [-0.5, -0.1], "stop"), ([6], [-2.0], "length")]
+
+
+def test_serving_with_vllm_says_it_is_not_wired():
+    with pytest.raises(ValueError, match="not wired"):
+        load_served_model("tiny-qwen2-vl", engine="vllm")
