@@ -1,0 +1,42 @@
+"""Errors raised by mmref.client::
+
+    MMRefError (mmref.renderers.errors)
+     └── ClientError
+          ├── ImageInputError (ValueError)      an image in a request that cannot become a ref
+          ├── TraceError (ValueError)           a trace that breaks its invariants
+          └── InferenceError                    the inference server refused or failed
+               ├── InferenceRequestError        4xx: never retried, carries the server's message
+               └── InferenceUnavailableError    connection errors / 5xx after bounded retries
+"""
+
+from __future__ import annotations
+
+from mmref.renderers.errors import MMRefError
+
+
+class ClientError(MMRefError):
+    """Base of client errors."""
+
+
+class ImageInputError(ClientError, ValueError):
+    """An image in a request body that cannot become a store ref (the message never holds its bytes)."""
+
+
+class TraceError(ClientError, ValueError):
+    """A trace whose nodes, slots or masks break the trace invariants."""
+
+
+class InferenceError(ClientError):
+    """The inference server did not produce a completion."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class InferenceRequestError(InferenceError, ValueError):
+    """The server refused the request (4xx); retrying cannot help."""
+
+
+class InferenceUnavailableError(InferenceError, ConnectionError):
+    """The server was unreachable or failing (connect errors, 5xx) after the bounded retries."""

@@ -1,0 +1,208 @@
+"""The strict record of one rollout: every model call as a node, validated on build and load.
+
+A node holds the exact prompt ids sent, the completion ids and logprobs that came back,
+and the prompt's image slots. Invariants (checked by ``Trace`` itself):
+
+- every slot lies wholly on image-pad tokens, slots are sorted and non-overlapping, and
+  no pad token is left without a slot;
+- the slots are one per image part of the messages the prompt rendered, in message order;
+- no processed pixel payload appears anywhere.
+
+``segments()`` turns the nodes into what a trainer learns from: one sequence for a fully
+bridged rollout (each prompt extends the previous prompt + completion), a new one where a
+turn was re-rendered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmref.client.errors import TraceError
+from mmref.renderers.errors import RefError
+from mmref.renderers.refs import ImageSlot, is_ref_string, reject_pixel_payload
+
+
+@dataclass(frozen=True)
+class TraceSegment:
+    """One contiguous token sequence a trainer can learn from (logprobs 0.0 where not sampled)."""
+
+    family: str
+    token_ids: list[int]
+    sampled_mask: list[bool]
+    logprobs: list[float]
+    images: list[ImageSlot]
+    weight_version: int | None = None
+
+
+class TraceNode(BaseModel):
+    """One model call."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_logprobs: list[float]
+    images: list[ImageSlot]
+    num_messages: int = Field(ge=0)  # how many of the trace's messages this prompt rendered
+    finish_reason: str = "stop"
+    weight_version: int | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> TraceNode:
+        if len(self.completion_ids) != len(self.completion_logprobs):
+            raise ValueError(f"{len(self.completion_ids)} completion ids but {len(self.completion_logprobs)} logprobs")
+        return self
+
+
+class Trace(BaseModel):
+    """A validated rollout: its nodes, final messages (refs only) and reward."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rollout_id: str
+    group_id: str | None = None
+    family: str
+    image_pad_id: int
+    stop_token_ids: list[int]
+    messages: list[dict[str, Any]]
+    nodes: list[TraceNode]
+    reward: float = 0.0
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _invariants(self) -> Trace:
+        try:
+            reject_pixel_payload(self.messages, "trace messages")
+        except RefError as exc:
+            raise ValueError(str(exc)) from None
+        image_urls = _image_refs_in_order(self.messages)
+        for index, node in enumerate(self.nodes):
+            _check_slots(node, index, self.image_pad_id)
+            expected = image_urls[: _count_images(self.messages[: node.num_messages])]
+            actual = [s.ref.encode() for s in node.images]
+            if actual != expected:
+                raise ValueError(f"node {index}: {len(actual)} image slots do not match the {len(expected)} image "
+                                 "parts of its messages in order (one slot per image part)")
+        return self
+
+    @classmethod
+    def build(cls, **fields: Any) -> Trace:
+        """Construct and validate; invariant failures are ``TraceError``."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise TraceError(f"invalid trace: {_problems(exc)}") from None
+
+    # -- serialization --------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="json"), use_bin_type=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Trace:
+        return cls._load(json.loads(text))
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> Trace:
+        return cls._load(msgpack.unpackb(data, raw=False))
+
+    @classmethod
+    def _load(cls, payload: Any) -> Trace:
+        try:
+            reject_pixel_payload(payload, "trace")
+            return cls.model_validate(payload)
+        except (ValidationError, RefError) as exc:
+            detail = _problems(exc) if isinstance(exc, ValidationError) else str(exc)
+            raise TraceError(f"invalid trace: {detail}") from None
+
+    # -- learning view ----------------------------------------------------------------------
+
+    def segments(self) -> list[TraceSegment]:
+        """Sequences to learn from: nodes whose prompts extend the previous turn join one segment."""
+        segments: list[TraceSegment] = []
+        current: TraceSegment | None = None
+        previous: TraceNode | None = None
+        for node in self.nodes:
+            if current is not None and previous is not None and self._extends(previous, node):
+                current = self._extend(current, previous, node)
+            else:
+                if current is not None:
+                    segments.append(current)
+                current = self._start(node)
+            previous = node
+        if current is not None:
+            segments.append(current)
+        return segments
+
+    def _kept_completion(self, node: TraceNode) -> int:
+        """Completion tokens the next bridged prompt keeps verbatim (through the first stop)."""
+        for i, token in enumerate(node.completion_ids):
+            if token in self.stop_token_ids:
+                return i + 1
+        return len(node.completion_ids)
+
+    def _extends(self, previous: TraceNode, node: TraceNode) -> bool:
+        kept = previous.prompt_ids + previous.completion_ids[: self._kept_completion(previous)]
+        return node.prompt_ids[: len(kept)] == kept
+
+    def _start(self, node: TraceNode) -> TraceSegment:
+        n = len(node.prompt_ids)
+        return TraceSegment(self.family, node.prompt_ids + node.completion_ids,
+                            [False] * n + [True] * len(node.completion_ids),
+                            [0.0] * n + list(node.completion_logprobs), list(node.images), node.weight_version)
+
+    def _extend(self, segment: TraceSegment, previous: TraceNode, node: TraceNode) -> TraceSegment:
+        # The previous prompt and completion (through its stop) lie in this prompt verbatim:
+        # keep their sampled flags and logprobs, the rest of the prompt is context.
+        kept = len(previous.prompt_ids) + self._kept_completion(previous)
+        context = len(node.prompt_ids) - kept
+        return TraceSegment(
+            self.family, node.prompt_ids + node.completion_ids,
+            segment.sampled_mask[:kept] + [False] * context + [True] * len(node.completion_ids),
+            segment.logprobs[:kept] + [0.0] * context + list(node.completion_logprobs),
+            list(node.images), node.weight_version,
+        )
+
+
+def _check_slots(node: TraceNode, index: int, pad: int) -> None:
+    previous_end = 0
+    for slot in node.images:
+        span = node.prompt_ids[slot.offset:slot.end]
+        if slot.offset < previous_end or slot.end > len(node.prompt_ids) or any(t != pad for t in span):
+            raise ValueError(f"node {index}: image slot [{slot.offset}, {slot.end}) ({slot.ref.describe()}) is not "
+                             f"wholly on image-pad tokens (id {pad}), or overlaps the previous slot")
+        previous_end = slot.end
+    pads = sum(1 for t in node.prompt_ids if t == pad)
+    if pads != sum(s.length for s in node.images):
+        raise ValueError(f"node {index}: {pads} image-pad tokens but slots cover {sum(s.length for s in node.images)}")
+    if pad in node.completion_ids:
+        raise ValueError(f"node {index}: image-pad token {pad} inside the sampled completion")
+
+
+def _image_refs_in_order(messages: list[dict[str, Any]]) -> list[str]:
+    refs = []
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url")
+                if not is_ref_string(url):
+                    raise ValueError("trace messages hold an image that is not a store ref")
+                refs.append(url)
+    return refs
+
+
+def _count_images(messages: list[dict[str, Any]]) -> int:
+    return len(_image_refs_in_order(messages))
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'trace'}: {e['msg']}" for e in exc.errors())
