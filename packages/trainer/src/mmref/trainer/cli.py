@@ -30,6 +30,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _intercept(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mmref.client.interception import create_interception_app
+    from mmref.client.train_client import TrainClient
+    from mmref.renderers import ImageStore, layout_spec
+    from mmref.renderers.render import create_renderer
+    from mmref.renderers.tokenizer import qwen2_tokenizer
+
+    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    renderer = create_renderer(qwen2_tokenizer(), args.family, spec=layout_spec(args.family, **pixels))
+    app = create_interception_app(renderer, TrainClient(args.inference), ImageStore(args.store))
+    print(f"mmref intercept: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 -> {args.inference}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mmref", description="RL for vision-language models with image refs")
@@ -48,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, help="override the processor's max_pixels")
     serve.add_argument("--cache-mb", type=int, default=512, help="feature cache budget in MiB")
     serve.set_defaults(func=_serve)
+    intercept = sub.add_parser("intercept", help="OpenAI-compatible endpoint that records traces for agent code")
+    intercept.add_argument("--inference", required=True, help="base URL of the inference server")
+    intercept.add_argument("--store", required=True, help="image store root shared with the inference server")
+    intercept.add_argument("--family", default="qwen2-vl")
+    intercept.add_argument("--host", default="127.0.0.1")
+    intercept.add_argument("--port", type=int, default=8100)
+    intercept.add_argument("--min-pixels", type=int)
+    intercept.add_argument("--max-pixels", type=int)
+    intercept.set_defaults(func=_intercept)
     return parser
 
 

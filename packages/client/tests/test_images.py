@@ -1,0 +1,96 @@
+"""prepare_images: canonical ref parts, idempotence, stats, and every refusal."""
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from mmref.client.errors import ImageInputError
+from mmref.client.images import prepare_images
+from mmref.renderers import ImageStore, layout_spec
+from mmref.renderers.refs import parse_ref
+
+SPEC = layout_spec("qwen2-vl")
+
+
+def png_url(color=(10, 20, 30), size=(40, 30), media="image/png"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return f"data:{media};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ImageStore(tmp_path)
+
+
+def test_openai_and_hf_parts_become_canonical_refs(store):
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"},
+        {"type": "image_url", "image_url": {"url": png_url(), "detail": "high"}},
+        {"type": "image", "image": Image.new("RGB", (50, 20), (1, 1, 1))}]}], "temperature": 0.5}
+    out, stats = prepare_images(body, store, SPEC)
+    parts = out["messages"][0]["content"]
+    assert parts[0] == {"type": "text", "text": "a"} and out["temperature"] == 0.5 and out["model"] == "m"
+    refs = [parse_ref(p["image_url"]["url"]) for p in parts[1:]]
+    assert [(r.width, r.height) for r in refs] == [(40, 30), (50, 20)]
+    assert all(p == {"type": "image_url", "image_url": {"url": p["image_url"]["url"]}} for p in parts[1:])
+    assert (stats.images, stats.written, stats.dedup_hits) == (2, 2, 0) and stats.bytes > 0
+
+
+def test_idempotent_and_dedup_counted(store):
+    body = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url()}}]}] * 2
+    once, stats = prepare_images(body, store, SPEC)
+    assert (stats.written, stats.dedup_hits) == (1, 1)
+    twice, again = prepare_images(once, store, SPEC)
+    assert twice == once and again.already_refs == 2 and again.written == 0
+
+
+def test_tuples_and_nested_structures_are_walked(store):
+    out, stats = prepare_images(({"x": [{"type": "image_url", "image_url": png_url()}]},), store, SPEC)
+    assert isinstance(out, tuple) and stats.images == 1 and out[0]["x"][0]["image_url"]["url"].startswith("mmref:v1:")
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("https://example.com/a.png", "never fetched"),
+    ("http://10.0.0.1/a.png", "never fetched"),
+    ("file:///etc/passwd", "never fetched"),
+    ("/home/user/a.png", "local path"),
+    ("data:image/png;base64,%%%%", "not strict base64"),
+    ("data:image/tiff;base64,AAAA", "unsupported media type"),
+    ("data:text/html;base64,AAAA", "data:image"),
+])
+def test_refused_sources_name_the_problem_without_the_payload(store, url, needle):
+    with pytest.raises(ImageInputError, match=needle) as info:
+        prepare_images([{"type": "image_url", "image_url": {"url": url}}], store, SPEC)
+    assert "%%%%" not in str(info.value) and "AAAA" not in str(info.value)
+
+
+@pytest.mark.parametrize("part,needle", [
+    ({"type": "image_url"}, "needs an object"),
+    ({"type": "image_url", "image_url": 5}, "needs an object"),
+    ({"type": "image", "image": 42}, "must be a data URL, a PIL image or an mmref ref"),
+])
+def test_malformed_parts_are_refused(store, part, needle):
+    with pytest.raises(ImageInputError, match=needle):
+        prepare_images([part], store, SPEC)
+
+
+def test_oversized_and_mismatched_images_are_refused(tmp_path):
+    from mmref.renderers.store import StoreLimits
+
+    small = ImageStore(tmp_path / "small", StoreLimits(max_bytes=100))
+    with pytest.raises(ImageInputError, match="exceeds the limit"):
+        prepare_images([{"type": "image_url", "image_url": {"url": png_url(size=(300, 300))}}], small, SPEC)
+    with pytest.raises(ImageInputError, match="declared media type image/jpeg but the bytes are image/png"):
+        prepare_images([{"type": "image_url", "image_url": {"url": png_url(media="image/jpeg")}}],
+                       ImageStore(tmp_path / "s2"), SPEC)
+
+
+def test_ref_missing_from_store_or_from_another_layout_is_refused(tmp_path):
+    (part,), _ = prepare_images([{"type": "image_url", "image_url": {"url": png_url()}}], ImageStore(tmp_path / "a"), SPEC)
+    with pytest.raises(ImageInputError, match="is not in store"):
+        prepare_images([part], ImageStore(tmp_path / "b"), SPEC)
+    with pytest.raises(ImageInputError, match="fingerprint"):
+        prepare_images([part], ImageStore(tmp_path / "a"), layout_spec("qwen2-vl", max_pixels=64 * 64))

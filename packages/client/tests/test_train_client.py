@@ -1,0 +1,74 @@
+"""TrainClient: wire format, bounded retries with backoff, no retry on 4xx, length check."""
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from mmref.client.errors import InferenceRequestError, InferenceUnavailableError
+from mmref.client.train_client import Sampling, TrainClient
+
+
+@dataclass
+class Rendered:
+    token_ids: list = field(default_factory=lambda: [1, 2, 3])
+    images: list = field(default_factory=list)
+
+
+def server(responses, seen):
+    """A stand-in inference server answering generate calls from ``responses`` in order."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 64}]})
+        seen.append(json.loads(request.content))
+        status, body = responses.pop(0)
+        if status == "drop":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(status, json=body)
+    return httpx.MockTransport(handle)
+
+
+OK = (200, {"choices": [{"token_ids": [5, 6], "logprobs": [-0.1, -0.2], "finish_reason": "stop"}], "weight_version": 3})
+
+
+def run(client_kwargs, responses, rendered=None, sampling=Sampling(max_tokens=4)):
+    seen = []
+
+    async def go():
+        async with TrainClient("http://inference", transport=server(responses, seen), backoff_s=0.001,
+                               **client_kwargs) as client:
+            return await client.generate(rendered or Rendered(), sampling), client
+    result, client = asyncio.run(go())
+    return result, client, seen
+
+
+def test_generate_sends_tokens_slots_and_sampling():
+    result, client, seen = run({}, [OK], sampling=Sampling(max_tokens=4, n=1, seed=9))
+    assert seen[0] == {"token_ids": [1, 2, 3], "images": [], "sampling": {
+        "temperature": 1.0, "top_p": 1.0, "max_tokens": 4, "stop_token_ids": [], "n": 1, "seed": 9}}
+    assert result.completions[0].token_ids == [5, 6] and result.weight_version == 3
+
+
+def test_connection_errors_and_503_are_retried_within_bounds():
+    result, client, _ = run({"max_retries": 3}, [("drop", None), (503, {"error": {"message": "busy"}}), OK])
+    assert result.completions[0].logprobs == [-0.1, -0.2] and client.retries == 2
+
+
+def test_retries_are_bounded_and_name_the_last_error():
+    with pytest.raises(InferenceUnavailableError, match="after 3 attempts; last error: HTTP 503: busy"):
+        run({"max_retries": 2}, [(503, {"error": {"message": "busy"}})] * 3)
+
+
+def test_4xx_is_never_retried_and_surfaces_the_message():
+    with pytest.raises(InferenceRequestError, match="HTTP 400.*slot 0 is bad") as info:
+        run({"max_retries": 5}, [(400, {"error": {"message": "slot 0 is bad"}}), OK])
+    assert info.value.status == 400
+
+
+def test_prompt_too_long_fails_before_any_generate_call():
+    seen = []
+    with pytest.raises(InferenceRequestError, match="exceeds the server's max_model_len 64"):
+        run({}, [OK], rendered=Rendered(token_ids=list(range(62))), sampling=Sampling(max_tokens=4))
+    assert seen == []
