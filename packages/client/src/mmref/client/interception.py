@@ -81,12 +81,12 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
                                 max_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
                                 seed=body.get("seed"))
             result = await client.generate(rendered, sampling)
-        except (ImageInputError, MMRefError, TraceError, ValueError, TypeError) as exc:
-            return openai_error(400, str(exc), "invalid_request_error")
+        except InferenceUnavailableError as exc:  # before MMRefError: these are client errors too
+            return openai_error(503, str(exc), "server_error")
         except InferenceRequestError as exc:
             return openai_error(400, f"inference server refused the request: {exc}", "invalid_request_error")
-        except InferenceUnavailableError as exc:
-            return openai_error(503, str(exc), "server_error")
+        except (ImageInputError, MMRefError, TraceError, ValueError, TypeError) as exc:
+            return openai_error(400, str(exc), "invalid_request_error")
         completion = result.completions[0]
         session.nodes.append(TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
                                        completion_logprobs=completion.logprobs, images=rendered.images,

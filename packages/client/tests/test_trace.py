@@ -1,0 +1,86 @@
+"""Traces: invariants on build and load, segments across bridged and re-rendered turns."""
+
+import pytest
+
+from mmref.client.errors import TraceError
+from mmref.client.trace import Trace, TraceNode
+from mmref.renderers import ImageStore, layout_spec, make_ref
+from mmref.renderers.refs import ImageSlot
+from PIL import Image
+
+PAD, STOP = 151655, 151645
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    store = ImageStore(tmp_path_factory.mktemp("s"))
+    return make_ref(layout_spec("qwen2-vl"), store.put_image(Image.new("RGB", (56, 56))))
+
+
+def user(ref):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": ref.encode()}}]}
+
+
+def node(prompt, completion, images, num_messages, logprob=-0.5):
+    return TraceNode(prompt_ids=prompt, completion_ids=completion, completion_logprobs=[logprob] * len(completion),
+                     images=images, num_messages=num_messages)
+
+
+def two_turns(ref, second_prompt_prefix=None):
+    n = ref.num_tokens
+    p1 = [1, 151652] + [PAD] * n + [151653, 2]
+    c1 = [7, STOP, 99]  # junk after the stop is dropped by the bridge
+    slot1 = ImageSlot(ref=ref, offset=2, length=n)
+    prefix = second_prompt_prefix if second_prompt_prefix is not None else p1 + c1[:2]
+    p2 = prefix + [198, 1, 151652] + [PAD] * n + [151653, 2]
+    slot2 = ImageSlot(ref=ref, offset=len(prefix) + 3, length=n)
+    messages = [user(ref), {"role": "assistant", "content": "x"}, user(ref), {"role": "assistant", "content": "y"}]
+    nodes = [node(p1, c1, [slot1], 1, -0.1), node(p2, [8, STOP], [slot1, slot2], 3)]
+    return dict(rollout_id="r", family="qwen2-vl", image_pad_id=PAD, stop_token_ids=[STOP], messages=messages,
+                nodes=nodes, reward=1.0)
+
+
+def test_bridged_turns_form_one_segment_with_sampled_tokens_and_logprobs(ref):
+    trace = Trace.build(**two_turns(ref))
+    (segment,) = trace.segments()
+    n1 = len(trace.nodes[0].prompt_ids)
+    assert segment.token_ids == trace.nodes[1].prompt_ids + [8, STOP]
+    assert [i for i, m in enumerate(segment.sampled_mask) if m] == [n1, n1 + 1, len(segment.token_ids) - 2,
+                                                                   len(segment.token_ids) - 1]
+    assert segment.logprobs[n1] == -0.1 and segment.logprobs[-1] == -0.5 and len(segment.images) == 2
+
+
+def test_a_re_rendered_turn_starts_a_new_segment(ref):
+    fields = two_turns(ref, second_prompt_prefix=[1, 151652] + [PAD] * ref.num_tokens + [151653, 2, 5, STOP])
+    segments = Trace.build(**fields).segments()
+    assert len(segments) == 2 and sum(segments[0].sampled_mask) == 3 and sum(segments[1].sampled_mask) == 2
+
+
+def test_slot_off_pad_tokens_is_a_trace_error(ref):
+    fields = two_turns(ref)
+    bad = fields["nodes"][0].model_copy(update={"images": [ImageSlot(ref=ref, offset=1, length=ref.num_tokens)]})
+    with pytest.raises(TraceError, match="node 0: image slot .* not wholly on image-pad tokens"):
+        Trace.build(**{**fields, "nodes": [bad, fields["nodes"][1]]})
+
+
+def test_slots_must_match_image_parts_in_message_order(ref):
+    fields = two_turns(ref)
+    with pytest.raises(TraceError, match="do not match the 1 image parts"):
+        Trace.build(**{**fields, "messages": fields["messages"][:1] + [{"role": "user", "content": "no image"}] * 3})
+
+
+def test_pad_in_completion_and_pixel_payloads_are_rejected(ref):
+    fields = two_turns(ref)
+    sampled_pad = fields["nodes"][0].model_copy(update={"completion_ids": [PAD, STOP, 1]})
+    with pytest.raises(TraceError, match="image-pad token 151655 inside the sampled completion"):
+        Trace.build(**{**fields, "nodes": [sampled_pad, fields["nodes"][1]]})
+    with pytest.raises(TraceError, match="pixel_values"):
+        Trace.build(**{**fields, "messages": fields["messages"] + [{"role": "user", "pixel_values": [[0.0]]}]})
+
+
+def test_round_trips_and_load_validation(ref):
+    trace = Trace.build(**two_turns(ref))
+    assert Trace.from_json(trace.to_json()) == trace and Trace.from_msgpack(trace.to_msgpack()) == trace
+    tampered = trace.to_json().replace('"image_pad_id":151655', '"image_pad_id":151656')
+    with pytest.raises(TraceError, match="not wholly on image-pad tokens"):
+        Trace.from_json(tampered)
