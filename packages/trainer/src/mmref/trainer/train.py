@@ -1,0 +1,168 @@
+"""Per-rank training entry point, run under torchrun: receive, materialize, step, sync weights.
+
+    torchrun --nproc-per-node 2 -m mmref.trainer.train job.json    # or: mmref train job.json
+
+Each step, every rank: receives its micro-batches (refs only) over the transport, checks with
+the other ranks (``fail_fast``), materializes pixels from its own store, checks again, runs
+forward/backward (FSDP2 reduces gradients), and rank 0 writes the weights for the inference
+server. A failure anywhere ends every rank with the failing rank's cause.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmref.renderers import ImageStore
+from mmref.renderers.layout import layout_spec
+from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.distributed import RankInfo, fail_fast, init_distributed, shutdown_distributed, wrap_data_parallel
+from mmref.trainer.materialize import Materializer
+from mmref.trainer.models import QWEN_VISION_TOKEN_IDS, build_image_processor, build_tiny_model
+from mmref.trainer.pack import MicroBatch
+from mmref.trainer.run_config import TrainConfig
+from mmref.trainer.step import PolicyTrainer
+from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
+
+# Every Qwen-VL vision special id (start, end, pad, video pad, and 151654 between them).
+_IMAGE_TOKEN_IDS = frozenset(range(QWEN_VISION_TOKEN_IDS["vision_start_token_id"],
+                                   QWEN_VISION_TOKEN_IDS["video_token_id"] + 1))
+
+
+class DistributedJob(BaseModel):
+    """What every rank of a training job needs; one JSON file shared by all ranks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str
+    store_root: str                      # local dir or fsspec URL every node can read
+    pub_address: str                     # the packer's PUB socket
+    ready_address: str                   # the packer's READY PULL socket
+    steps: int = Field(ge=1)
+    max_pixels: int | None = None        # layout override (small images in tests)
+    seed: int = 0
+    checkpoint_dir: str | None = None    # rank 0 writes weights here after each step
+    inference_url: str | None = None     # then POSTs /update_weights here
+    report_dir: str | None = None        # per-rank JSON of what each step received and did
+    ready_timeout_s: float = 60.0
+    recv_timeout_s: float = 120.0
+    collective_timeout_s: float = 120.0
+    train: TrainConfig = TrainConfig()
+
+
+def zero_loss_pad(micro_batch: MicroBatch) -> MicroBatch:
+    """A copy of ``micro_batch`` that contributes nothing to the loss: the padding ``deal`` gives short ranks.
+
+    A copy rather than a text-only row because FSDP2 reduces only parameters that received a
+    gradient: a rank whose pad skipped the vision tower would mismatch the others' reduce-scatter.
+    """
+    rows = [replace(row, loss_mask=[False] * len(row), advantages=[0.0] * len(row)) for row in micro_batch.rows]
+    return MicroBatch(micro_batch.step, rows)
+
+
+def run(job: DistributedJob) -> None:
+    """Train ``job.steps`` steps on this rank; raises (on every rank) if any rank fails."""
+    info = init_distributed(timeout_s=job.collective_timeout_s)
+    try:
+        _train(job, info)
+    finally:
+        shutdown_distributed()
+
+
+def _train(job: DistributedJob, info: RankInfo) -> None:
+    overrides = {"max_pixels": job.max_pixels} if job.max_pixels else {}
+    spec = layout_spec(job.family, **overrides)
+    processor = build_image_processor(spec)
+    store = ImageStore(job.store_root)
+    model = build_tiny_model(job.family, seed=job.seed).to(info.device)
+    # Rank 0 keeps an unsharded copy to export full weights into (checkpoint.save_checkpoint
+    # writes a plain module; FSDP2 parameters are shards).
+    export = build_tiny_model(job.family, seed=job.seed) if info.rank == 0 and job.checkpoint_dir else None
+    model, strategy = wrap_data_parallel(model, info)
+    # A 256 MiB cache lets the fail-fast pre-materialize below serve the step's own pass.
+    materializer = Materializer(store, spec, processor, cache_bytes=256 << 20, device=info.device,
+                                missing_image_policy=job.train.missing_image_policy)
+    trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
+                            image_token_ids=_IMAGE_TOKEN_IDS, materializer=materializer)
+    limits = TransportLimits(ready_timeout_s=job.ready_timeout_s, recv_timeout_s=job.recv_timeout_s)
+    receiver = ZmqReceiver(TransportAddresses(pub=job.pub_address, ready=job.ready_address), info.rank, limits)
+    report: list[dict] = []
+    try:
+        for step in range(job.steps):
+            with fail_fast(f"step {step} receive"):
+                micro_batches = [MicroBatch.from_wire(mb) for mb in receiver.recv_step(step)]
+            with fail_fast(f"step {step} materialize"):
+                for mb in micro_batches:
+                    materializer.materialize(mb.rows)
+            metrics = trainer.step(micro_batches, normalizer=_global_normalizer(micro_batches, info))
+            version = step + 1
+            _sync_weights(job, info, model, export, version)
+            report.append({"step": step, "weight_version": version, "strategy": strategy,
+                           "bytes_received": receiver.bytes_received,
+                           "images_materialized": materializer.stats.images_processed,
+                           "token_ids": [row.token_ids for mb in micro_batches for row in mb.rows],
+                           "metrics": metrics.as_dict(), "grads": _full_grads(model)})
+    finally:
+        receiver.close()
+        materializer.close()
+        if job.report_dir:
+            Path(job.report_dir, f"rank{info.rank}.json").write_text(json.dumps(report))
+
+
+def _global_normalizer(micro_batches: list[MicroBatch], info: RankInfo) -> float:
+    """Per-rank loss divisor so the rank-averaged gradient equals the single-process token mean.
+
+    FSDP2/DDP average gradients over ranks (divide by W), so each rank divides its loss sum by
+    global_tokens / W: then mean_r(sum_r / (N / W)) = sum / N.
+    """
+    tokens = torch.tensor([sum(mb.num_loss_tokens for mb in micro_batches)], dtype=torch.int64, device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(tokens)
+    return max(1, int(tokens.item())) / info.world_size
+
+
+def _full_grads(model: torch.nn.Module) -> dict[str, list[float]] | None:
+    """Unsharded gradients (every rank must call: gathering a DTensor is a collective)."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        grads[name] = grad.detach().float().flatten().tolist()
+    return grads
+
+
+def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, export, version: int) -> None:
+    """Rank 0 writes the full weights (``weight_version``) and tells the inference server to load them."""
+    if not job.checkpoint_dir:
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=info.world_size > 1, cpu_offload=True))
+    if info.rank != 0:
+        return
+    export.load_state_dict(state)
+    path = save_checkpoint(export, job.checkpoint_dir, job.family, weight_version=version)
+    if job.inference_url:
+        response = httpx.post(f"{job.inference_url.rstrip('/')}/update_weights", json={"path": str(path)}, timeout=60.0)
+        response.raise_for_status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m mmref.trainer.train JOB.json", file=sys.stderr)
+        return 2
+    run(DistributedJob.model_validate_json(Path(argv[0]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
