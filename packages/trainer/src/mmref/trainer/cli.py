@@ -48,6 +48,18 @@ def _intercept(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mmref.trainer.launch import LaunchConfig, launch
+
+    config = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                          master_addr=args.master_addr, master_port=args.master_port, timeout_s=args.timeout)
+    result = launch(["-m", "mmref.trainer.train", args.config], config)
+    sys.stdout.write(result.output)
+    if result.returncode != 0:
+        print(f"mmref train: job failed with exit code {result.returncode} after {result.elapsed_s:.1f}s", file=sys.stderr)
+    return result.returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="mmref", description="RL for vision-language models with image refs")
@@ -75,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     intercept.add_argument("--min-pixels", type=int)
     intercept.add_argument("--max-pixels", type=int)
     intercept.set_defaults(func=_intercept)
+    train = sub.add_parser("train", help="run the trainer ranks under torchrun (micro-batches from a packer over ZMQ)")
+    train.add_argument("config", help="job JSON (mmref.trainer.train.DistributedJob)")
+    train.add_argument("--nproc-per-node", type=int, default=1)
+    train.add_argument("--nnodes", type=int, default=1)
+    train.add_argument("--node-rank", type=int, default=0)
+    train.add_argument("--master-addr", default="127.0.0.1")
+    train.add_argument("--master-port", type=int, default=29500)
+    train.add_argument("--timeout", type=float, default=24 * 3600.0, help="wall-clock limit of the job in seconds")
+    train.set_defaults(func=_train)
     return parser
 
 
