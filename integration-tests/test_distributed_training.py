@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmref.renderers import ImageStore
+from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta
 from mmref.trainer.launch import LaunchConfig, LaunchResult, launch
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.pack import MicroBatch, pack
@@ -69,7 +70,7 @@ def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_
     store = ImageStore(tmp_path / "store")
     micro_batches = _micro_batches(store)
     per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
-    result, sender = _run_job(tmp_path, store, per_rank)
+    result, sender = _run_job(tmp_path, store, per_rank, checkpoint_dir=str(tmp_path / "weights"))
     assert result.returncode == 0, result.output
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in range(2):
@@ -97,6 +98,12 @@ def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_
         if param.grad is not None:
             torch.testing.assert_close(torch.tensor(grads[name]), param.grad.flatten(), rtol=1e-4, atol=1e-6,
                                        msg=lambda m, name=name: f"{name}: {m}")
+    # Weight sync: rank 0 exported the full updated weights as version 1, equal to the single-process update.
+    assert read_checkpoint_meta(tmp_path / "weights")["weight_version"] == 1
+    exported = build_tiny_model(FAMILY, seed=1)
+    load_weights_into(exported, tmp_path / "weights")
+    for (name, mine), theirs in zip(model.state_dict().items(), exported.state_dict().values()):
+        torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.timeout(240)
