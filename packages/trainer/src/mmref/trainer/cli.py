@@ -48,6 +48,26 @@ def _intercept(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rl(args: argparse.Namespace) -> int:
+    from mmref.trainer.rl import run_rl
+    from mmref.trainer.run_config import ConfigError, load_run_config
+
+    overrides = list(args.set or [])
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir='{args.output_dir}'")
+    if args.ablate_images:
+        overrides.append("env.ablate_images=true")
+    try:
+        config = load_run_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"mmref rl: {exc}", file=sys.stderr)
+        return 2
+    run_rl(config)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from mmref.trainer.launch import LaunchConfig, launch
 
@@ -87,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     intercept.add_argument("--min-pixels", type=int)
     intercept.add_argument("--max-pixels", type=int)
     intercept.set_defaults(func=_intercept)
+    rl = sub.add_parser("rl", help="run RL end to end (inference server, rollouts, training) from a TOML config")
+    rl.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")
+    rl.add_argument("--max-steps", type=int)
+    rl.add_argument("--output-dir")
+    rl.add_argument("--ablate-images", action="store_true", help="replace every image by a blank one (control run)")
+    rl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config value, e.g. train.lr=1e-3")
+    rl.set_defaults(func=_rl)
     train = sub.add_parser("train", help="run the trainer ranks under torchrun (micro-batches from a packer over ZMQ)")
     train.add_argument("config", help="job JSON (mmref.trainer.train.DistributedJob)")
     train.add_argument("--nproc-per-node", type=int, default=1)

@@ -1,0 +1,224 @@
+"""``mmref rl``: the whole loop on one machine, images moving as refs end to end.
+
+    env (PIL images) -> prepare_images -> store -> refs -> render/bridge -> HTTP generate
+      -> traces -> GRPO samples -> packed micro-batches (refs) -> materialize -> step
+      -> checkpoint -> POST /update_weights -> next step
+
+The inference server runs in this process behind uvicorn on a loopback port (real HTTP);
+the policy is trained in process (one rank). The run directory holds the config,
+metrics.jsonl, rollouts.jsonl, checkpoints, the store, the reward curve and the viewer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mmref.client.envs.color_codeword import ColorCodewordConfig, ColorCodewordEnv
+from mmref.client.rollout import run_rollouts
+from mmref.client.trace import Trace
+from mmref.client.train_client import Sampling, TrainClient
+from mmref.renderers import ImageStore, layout_spec
+from mmref.renderers.render import create_renderer
+from mmref.renderers.tokenizer import tiny_tokenizer
+from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.inference.engine import TransformersEngine
+from mmref.trainer.inference.server import create_app
+from mmref.trainer.inference.threaded import serve_in_thread
+from mmref.trainer.inference.serving import ServedModel
+from mmref.trainer.models import TinySize, build_image_processor, build_tiny_model, image_token_ids_of, processor_spec
+from mmref.trainer.pack import MicroBatch, occupancy, pack
+from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
+from mmref.trainer.run_config import RunConfig
+from mmref.trainer.samples import TrainingSample, group_advantages
+from mmref.trainer.step import PolicyTrainer
+
+ROLE_WORDS = ("system", "user", "assistant", "codeword")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports."""
+
+    run_dir: Path
+    steps: int
+    final_reward: float
+    last5_reward: float
+    wall_s: float
+
+
+class RunDir:
+    """The files of one run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("checkpoints", "store"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.metrics = root / "metrics.jsonl"
+        self.rollouts = root / "rollouts.jsonl"
+        for path in (self.metrics, self.rollouts):
+            path.write_text("")
+
+    def append(self, path: Path, line: str) -> None:
+        with path.open("a") as f:
+            f.write(line + "\n")
+
+
+def build_policy(config: RunConfig, words: tuple[str, ...]):
+    """The tokenizer, the tiny model whose special ids match it, and the layout spec."""
+    tokenizer = tiny_tokenizer(tuple(words) + ROLE_WORDS)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    size = TinySize(hidden_size=config.model.hidden_size, num_layers=config.model.num_layers,
+                    vision_depth=config.model.vision_depth)
+    model = build_tiny_model(config.model.family, seed=config.model.seed, vocab_size=len(tokenizer), size=size,
+                             token_ids=ids)
+    spec = layout_spec(config.model.family, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
+    return tokenizer, model, spec
+
+
+def pick_device(config: RunConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+class Orchestrator:
+    """Owns the loop: rollouts against the server, samples, a training step, weight sync."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, console: Console) -> None:
+        self.config, self.console = config, console
+        self.run = RunDir(run_dir)
+        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns, min_side=config.env.min_side,
+                                         max_side=config.env.max_side, blank_images=config.env.ablate_images)
+        self.env_config = env_config
+        torch.manual_seed(config.seed)
+        self.tokenizer, train_model, self.spec = build_policy(config, env_config.words)
+        _, serve_model, _ = build_policy(config, env_config.words)
+        serve_model.load_state_dict(train_model.state_dict())
+        device = pick_device(config)
+        self.store = ImageStore(run_dir / "store")
+        self.processor = build_image_processor(self.spec)
+        self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
+        banned = image_token_ids_of(train_model)
+        engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
+                                    pad_token_id=self.renderer.stop_token_ids[0], device=device)
+        self.served = ServedModel(f"tiny-{config.model.family}", config.model.family,
+                                  processor_spec(config.model.family, self.processor), self.processor, engine,
+                                  self.renderer.image_pad_id)
+        self.trainer = PolicyTrainer(train_model.to(device), store=self.store, spec=self.spec, processor=self.processor,
+                                     config=config.train, image_token_ids=banned)
+        self.rng = random.Random(config.seed)
+
+    async def collect(self, client: TrainClient, step: int) -> list[Trace]:
+        """One GRPO batch: ``prompts_per_step`` episodes, each played ``group_size`` times."""
+        cfg = self.config.rollout
+        seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
+        envs, groups = [], []
+        for prompt, seed in enumerate(seeds):
+            for _ in range(cfg.group_size):
+                envs.append(ColorCodewordEnv(self.env_config, seed=seed))
+                groups.append(f"s{step}-p{prompt}")
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        return await run_rollouts(envs, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
+                                  group_ids=groups)
+
+    def samples(self, traces: list[Trace]) -> list[TrainingSample]:
+        by_group: dict[str, list[Trace]] = {}
+        for trace in traces:
+            by_group.setdefault(trace.group_id or trace.rollout_id, []).append(trace)
+        samples = []
+        for group in by_group.values():
+            for trace, advantage in zip(group, group_advantages([t.reward for t in group])):
+                for segment in trace.segments():
+                    samples.append(TrainingSample.from_segment(segment, advantage, self.renderer.image_pad_id))
+        return samples
+
+    def record(self, step: int, traces: list[Trace], metrics: dict[str, Any]) -> None:
+        self.run.append(self.run.metrics, json.dumps(metrics))
+        for trace in traces[:: max(1, len(traces) // 4)][:4]:
+            turns = []
+            for node in trace.nodes:
+                text = self.tokenizer.decode(node.completion_ids, skip_special_tokens=True)
+                new_images = [s.ref.asset for s in node.images[len(turns):]]
+                turns.append(TurnRecord(user_text="codeword?", images=new_images, completion=text))
+            self.run.append(self.run.rollouts, RolloutRecord(step, trace.rollout_id, trace.reward, turns).to_json())
+
+    async def sync_weights(self, client_http, step: int) -> None:
+        path = save_checkpoint(self.trainer.model, self.run.root / "checkpoints" / "latest", self.config.model.family,
+                               weight_version=step + 1)
+        response = await client_http.post("/update_weights", json={"path": str(path)})
+        response.raise_for_status()
+
+
+async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any) -> list[dict]:
+    import httpx
+
+    config = orch.config
+    history = []
+    async with TrainClient(base_url) as client, httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        for step in range(config.max_steps):
+            start = time.perf_counter()
+            traces = await orch.collect(client, step)
+            rollout_s = time.perf_counter() - start
+            samples = orch.samples(traces)
+            rows = pack(samples, config.train.max_seq_len)
+            step_metrics = orch.trainer.step([MicroBatch(step, rows)])
+            train_s = time.perf_counter() - start - rollout_s
+            await orch.sync_weights(http, step)
+            rewards = [t.reward for t in traces]
+            tokens = sum(len(n.completion_ids) for t in traces for n in t.nodes)
+            wall = time.perf_counter() - start
+            metrics = {"step": step, "reward_mean": sum(rewards) / len(rewards), "rollouts": len(traces),
+                       "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
+                       "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
+                       "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,
+                       "request_bytes": client.bytes_sent, "pixel_bytes_sent": 0, **step_metrics.as_dict()}
+            orch.record(step, traces, metrics)
+            history.append(metrics)
+            progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "
+                                                         f"{metrics['reward_mean']:.2f} tok/s {metrics['tokens_per_s']:.0f}")
+    return history
+
+
+def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
+    """Run ``config`` to completion; always shuts the server down."""
+    console = console or Console()
+    run_dir = Path(config.output_dir)
+    start = time.perf_counter()
+    orch = Orchestrator(config, run_dir, console)
+    app = create_app(orch.served, orch.store)
+    with serve_in_thread(app, config.inference.host, config.inference.port) as url, Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("starting", total=config.max_steps)
+        history = asyncio.run(_loop(orch, url, progress, task))
+    write_reward_curve(history, run_dir / "reward.png", chance=orch.env_config.chance)
+    write_viewer(run_dir, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(run_dir / "rollouts.jsonl")])
+    summary = RunSummary(run_dir, len(history), history[-1]["reward_mean"],
+                         sum(m["reward_mean"] for m in history[-5:]) / len(history[-5:]), time.perf_counter() - start)
+    print_summary(console, summary, history)
+    return summary
+
+
+def print_summary(console: Console, summary: RunSummary, history: list[dict]) -> None:
+    table = Table(title=f"mmref rl: {summary.run_dir}")
+    for column in ("steps", "reward (last 5)", "wall s", "rollout s/step", "train s/step", "request KB/step"):
+        table.add_column(column, justify="right")
+    n = len(history)
+    table.add_row(str(n), f"{summary.last5_reward:.3f}", f"{summary.wall_s:.1f}",
+                  f"{sum(m['rollout_s'] for m in history) / n:.2f}", f"{sum(m['train_s'] for m in history) / n:.2f}",
+                  f"{history[-1]['request_bytes'] / n / 1024:.0f}")
+    console.print(table)
+    console.print(f"reward curve: {summary.run_dir / 'reward.png'}   viewer: {summary.run_dir / 'viewer.html'}")
