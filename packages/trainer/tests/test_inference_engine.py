@@ -85,3 +85,38 @@ def test_weight_update_changes_logprobs_and_version(tmp_path):
     after = generate(app, ids, slots, max_tokens=4, seed=5, temperature=0).json()
     assert after["weight_version"] == 1 and before["weight_version"] == 0
     assert after["choices"][0]["logprobs"] != before["choices"][0]["logprobs"]
+
+
+def test_checkpoint_from_a_training_step_reloads_into_the_server_with_the_trainers_logprobs(tmp_path):
+    from mmref.renderers.refs import ImageSlot as Slot
+    from mmref.trainer.pack import MicroBatch
+    from mmref.trainer.run_config import TrainConfig
+    from mmref.trainer.step import PolicyTrainer
+
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    refs = stored_refs(model, store, 1)
+    ids, slots = prompt_with_images(refs)
+    image_slots = [Slot(ref=refs[0], offset=slots[0]["offset"], length=slots[0]["length"])]
+    n = len(ids) + 3
+    sample = TrainingSample("qwen2-vl", ids + [11, 12, 13], [i >= len(ids) for i in range(n)],
+                            [1.0 if i >= len(ids) else 0.0 for i in range(n)], [-11.0 if i >= len(ids) else 0.0 for i in range(n)],
+                            image_slots, PAD)
+    trainer = PolicyTrainer(served("qwen2-vl").engine.model, store=store, spec=model.spec, processor=model.processor,
+                            config=TrainConfig(lr=1e-2), image_token_ids=model.engine.image_token_ids)
+    trainer.step([MicroBatch(0, pack([sample], 10**6))])
+    path = save_checkpoint(trainer.model, tmp_path / "step-1", "qwen2-vl", weight_version=1)
+
+    async def update():
+        async with client(app) as c:
+            return await c.post("/update_weights", json={"path": str(path)})
+    assert asyncio.run(update()).status_code == 200
+    choice = generate(app, ids, slots, max_tokens=5, seed=2).json()["choices"][0]
+    tokens = ids + choice["token_ids"]
+    m = len(tokens)
+    check = TrainingSample("qwen2-vl", tokens, [i >= len(ids) for i in range(m)], [0.0] * m, [0.0] * m, image_slots, PAD)
+    row = Materializer(store, model.spec, model.processor).materialize(pack([check], 10**6))[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        out = forward_row(trainer.model, row, trainer.rope_index, model.engine.image_token_ids, 2)
+    assert (out.logprobs[len(ids) - 1:] - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
