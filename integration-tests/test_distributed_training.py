@@ -4,6 +4,7 @@ fails both ranks naming rank 1 and the asset."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -14,6 +15,7 @@ from mmref.renderers import ImageStore
 from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta
 from mmref.trainer.launch import LaunchConfig, LaunchResult, launch
 from mmref.trainer.materialize import Materializer
+from mmref.trainer.models import build_tiny_model
 from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer
@@ -65,8 +67,6 @@ def _run_job(tmp_path, store: ImageStore, per_rank: list[list[dict]], **job_fiel
 
 @pytest.mark.timeout(240)
 def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_path):
-    import json
-
     store = ImageStore(tmp_path / "store")
     micro_batches = _micro_batches(store)
     per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
@@ -84,8 +84,6 @@ def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_
     assert sender.bytes_sent < one_image_pixels
     assert b"pixel_values" not in json.dumps(per_rank).encode()
 
-    from trainer_cases import tiny  # noqa: F401  (same factory the ranks use)
-    from mmref.trainer.models import build_tiny_model
     model = build_tiny_model(FAMILY, seed=0)
     spec = small_spec(FAMILY)
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor(FAMILY), config=TrainConfig(),
