@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-import statistics
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 from PIL import Image
 
@@ -21,17 +21,10 @@ from mmref.renderers.render import chat_template, create_renderer
 from mmref.renderers.tokenizer import qwen2_tokenizer
 from mmref.trainer.demo import screenshot_png
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds  # noqa: E402
+
 FAMILY = "qwen2-vl"
-
-
-def timed(fn, repeat: int) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs."""
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def conversation(parts: list, turns: int, per_turn: int) -> list[dict]:
@@ -52,7 +45,7 @@ def main() -> dict:
     refs = [make_ref(spec, store.put_bytes(p, "image/png")).encode() for p in pngs]
     ours = conversation([{"type": "image_url", "image_url": {"url": r}} for r in refs], turns=4, per_turn=2)
     theirs = conversation([{"type": "image"}] * 8, turns=4, per_turn=2)
-    raw_s = timed(lambda: renderer.render(ours), 50)
+    raw_s = median_seconds(lambda: renderer.render(ours), 50)
 
     processor = reference_processor(tokenizer, spec, chat_template(FAMILY))
 
@@ -61,7 +54,7 @@ def main() -> dict:
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
         return processor(text=[text], images=images)
 
-    processor_s = timed(processor_path, 3)
+    processor_s = median_seconds(processor_path, 3)
     assert processor_path()["input_ids"][0] == renderer.render(ours).token_ids
 
     # Turn k: one new small screenshot per turn; bridge vs full render of the whole conversation.
@@ -75,10 +68,10 @@ def main() -> dict:
                                             {"type": "text", "text": f"turn {k}"}]}]
         if prompt is not None:
             args = (prompt.token_ids, reply, new, prompt.images)
-            bridge_ms[k] = timed(lambda: renderer.bridge_to_next_turn(*args), 20) * 1e3
+            bridge_ms[k] = median_seconds(lambda: renderer.bridge_to_next_turn(*args), 20) * 1e3
             bridged = renderer.bridge_to_next_turn(*args)
         history += new
-        full_ms[k] = timed(lambda: renderer.render(history), 5) * 1e3
+        full_ms[k] = median_seconds(lambda: renderer.render(history), 5) * 1e3
         prompt = bridged if k > 1 else renderer.render(history)
         history.append({"role": "assistant", "content": "Clicked."})
     result = {

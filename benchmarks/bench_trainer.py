@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration-tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mmref.renderers import ImageStore, layout_spec  # noqa: E402
 from mmref.renderers.decode import decode_rgb  # noqa: E402
@@ -25,18 +24,10 @@ from mmref.trainer.models import build_image_processor, build_tiny_model  # noqa
 from mmref.trainer.pack import MicroBatch, occupancy, pack  # noqa: E402
 from mmref.trainer.run_config import TrainConfig  # noqa: E402
 from mmref.trainer.step import PolicyTrainer  # noqa: E402
+from timing import median_seconds  # noqa: E402
 from trainer_cases import IMAGE_TOKENS, make_sample  # noqa: E402
 
 THREADS, GROUPS, GROUP_SIZE, SIZE = 2, 8, 8, (448, 336)
-
-
-def median_time(fn, repeat=3) -> float:
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> dict:
@@ -57,10 +48,10 @@ def main() -> dict:
         return processor(images=[decode_rgb(store.read(ref), ref)], return_tensors="pt")
 
     with ThreadPoolExecutor(THREADS) as pool:
-        floor_s = median_time(lambda: list(pool.map(process, unique)))
-        naive_s = median_time(lambda: list(pool.map(process, slots)), repeat=1)
+        floor_s = median_seconds(lambda: list(pool.map(process, unique)), 3)
+        naive_s = median_seconds(lambda: list(pool.map(process, slots)), repeat=1)
     materializer = Materializer(store, spec, processor, threads=THREADS)
-    materialize_s = median_time(lambda: materializer.materialize(rows))
+    materialize_s = median_seconds(lambda: materializer.materialize(rows), 3)
 
     rng = random.Random(0)
     lengths = [min(4000, max(16, int(rng.lognormvariate(5.0, 1.0)))) for _ in range(2000)]

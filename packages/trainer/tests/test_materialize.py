@@ -97,4 +97,4 @@ def test_cross_step_cache_respects_its_byte_budget(store, monkeypatch):
     tiny_cache = materializer(store, cache_bytes=1)
     tiny_cache.materialize(rows)
     tiny_cache.materialize(rows)
-    assert tiny_cache.stats.images_processed == 4 and tiny_cache._cached_bytes <= 1
+    assert tiny_cache.stats.images_processed == 4 and tiny_cache._cache.bytes <= 1

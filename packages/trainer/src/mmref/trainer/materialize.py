@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from mmref.renderers.errors import AssetNotFoundError
 from mmref.renderers.layout import LayoutSpec
 from mmref.renderers.refs import RawImageRef
 from mmref.renderers.store import ImageStore
+from mmref.trainer.byte_lru import ByteLRU
 from mmref.trainer.errors import MissingImageError
 from mmref.trainer.pack import PackedRow
 from mmref.trainer.pixels import ImageFeatures, image_features
@@ -75,10 +75,8 @@ class Materializer:
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
         self.store, self.spec, self.processor = store, spec, processor
         self.policy, self.device, self.dtype = missing_image_policy, torch.device(device), dtype
-        self.cache_bytes = cache_bytes
         self.stats = MaterializeStats()
-        self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
-        self._cached_bytes = 0
+        self._cache: ByteLRU[ImageFeatures] = ByteLRU(cache_bytes)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mmref-materialize")
 
@@ -128,7 +126,6 @@ class Materializer:
         with self._lock:
             cached = self._cache.get(ref.sha256)
             if cached is not None:
-                self._cache.move_to_end(ref.sha256)
                 self.stats.cache_hits += 1
                 return cached
         try:
@@ -137,17 +134,8 @@ class Materializer:
             return None
         with self._lock:
             self.stats.images_processed += 1
-            self._remember(ref.sha256, features)
+            self._cache.put(ref.sha256, features)
         return features
-
-    def _remember(self, sha256: str, features: ImageFeatures) -> None:
-        if features.nbytes > self.cache_bytes:
-            return
-        self._cache[sha256] = features
-        self._cached_bytes += features.nbytes
-        while self._cached_bytes > self.cache_bytes:
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= evicted.nbytes
 
     def _placeholder(self, ref: RawImageRef) -> torch.Tensor:
         t, h, w = ref.grid_thw

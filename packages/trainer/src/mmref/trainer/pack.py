@@ -20,7 +20,7 @@ import torch
 
 from mmref.renderers.refs import ImageSlot
 from mmref.trainer.errors import PackingError
-from mmref.trainer.samples import TrainingSample
+from mmref.trainer.samples import TrainingSample, token_types
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,7 @@ class PackedRow:
 
     @property
     def mm_token_type_ids(self) -> list[int]:
-        types = [0] * len(self.token_ids)
-        for slot in self.images:
-            types[slot.offset:slot.end] = [1] * slot.length
-        return types
+        return token_types(len(self.token_ids), self.images)
 
     def to_wire(self) -> dict:
         """Plain lists and ref strings (msgpack/JSON-ready); no pixels."""

@@ -50,10 +50,7 @@ class TrainingSample:
     @property
     def mm_token_type_ids(self) -> list[int]:
         """1 on image-pad tokens, 0 elsewhere (derived from the slots)."""
-        types = [0] * len(self.token_ids)
-        for slot in self.images:
-            types[slot.offset:slot.end] = [1] * slot.length
-        return types
+        return token_types(len(self.token_ids), self.images)
 
     @classmethod
     def from_segment(cls, segment: Any, advantage: float, image_pad_id: int) -> TrainingSample:
@@ -66,6 +63,14 @@ class TrainingSample:
             images=list(segment.images), image_pad_id=image_pad_id,
             weight_version=getattr(segment, "weight_version", None),
         )
+
+
+def token_types(length: int, images: Sequence[ImageSlot]) -> list[int]:
+    """``mm_token_type_ids`` of a sequence: 1 inside image slots, 0 elsewhere."""
+    types = [0] * length
+    for slot in images:
+        types[slot.offset:slot.end] = [1] * slot.length
+    return types
 
 
 def check_slots(token_ids: Sequence[int], images: Sequence[ImageSlot], image_pad_id: int) -> None:

@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmref.renderers.errors import ContractMismatchError
 from mmref.renderers.refs import RawImageRef
+from mmref.trainer.byte_lru import ByteLRU
 from mmref.trainer.pixels import ImageFeatures
 
 
@@ -31,22 +31,24 @@ class FeatureCache:
     """An asyncio-side LRU of ``ImageFeatures``; computation runs in a worker thread."""
 
     def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
         self.stats = CacheStats()
-        self.bytes = 0
-        self._entries: OrderedDict[tuple[str, str], ImageFeatures] = OrderedDict()
+        self._entries: ByteLRU[ImageFeatures] = ByteLRU(budget_bytes)
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def bytes(self) -> int:
+        return self._entries.bytes
+
     async def get(self, ref: RawImageRef, compute: Callable[[], ImageFeatures]) -> ImageFeatures:
         """Features of ``ref``: cached, awaited from an in-flight computation, or computed now."""
         key = (ref.sha256, ref.fingerprint)
-        if key in self._entries:
-            self._entries.move_to_end(key)
+        cached = self._entries.get(key)
+        if cached is not None:
             self.stats.hits += 1
-            return self._checked(ref, self._entries[key])
+            return self._checked(ref, cached)
         if key in self._inflight:
             self.stats.hits += 1
             return self._checked(ref, await asyncio.shield(self._inflight[key]))
@@ -63,18 +65,9 @@ class FeatureCache:
             self._inflight.pop(key, None)
         self.stats.processed += 1
         future.set_result(features)
-        self._remember(key, features)
+        self._entries.put(key, features)
+        self.stats.evictions = self._entries.evictions
         return features
-
-    def _remember(self, key: tuple[str, str], features: ImageFeatures) -> None:
-        if features.nbytes > self.budget_bytes:
-            return
-        self._entries[key] = features
-        self.bytes += features.nbytes
-        while self.bytes > self.budget_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.nbytes
-            self.stats.evictions += 1
 
     @staticmethod
     def _checked(ref: RawImageRef, features: ImageFeatures) -> ImageFeatures:
