@@ -1,6 +1,9 @@
 """Refs survive their codec, parse_ref raises only RefError, and the store round-trips."""
 
+import contextlib
 import io
+
+import pytest
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,10 +41,8 @@ def test_every_valid_ref_survives_encode_parse(ref):
 @given(text=st.one_of(st.text(), st.text().map(lambda t: "mmref:v1:" + t), st.binary().map(repr),
                       st.from_regex(r"mmref:v[0-9]{1,3}:[A-Za-z0-9_-]{0,80}", fullmatch=True)))
 def test_parse_ref_on_arbitrary_text_raises_only_ref_error(text):
-    try:
+    with contextlib.suppress(RefError):  # anything else propagates and fails the test
         parse_ref(text)
-    except RefError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
@@ -49,10 +50,8 @@ def test_parse_ref_on_arbitrary_text_raises_only_ref_error(text):
 def test_mutated_ref_strings_parse_or_raise_ref_error(ref, position, char):
     encoded = ref.encode()
     i = 9 + position % (len(encoded) - 9)
-    try:
+    with contextlib.suppress(RefError):
         parse_ref(encoded[:i] + char + encoded[i + 1:])
-    except RefError:
-        pass
 
 
 def png(width, height, color):
@@ -72,8 +71,5 @@ def test_store_round_trip_dedup_and_tamper_detection(tmp_path_factory, width, he
     ref = make_ref(layout_spec(family), first)
     assert store.read(parse_ref(ref.encode())) == data
     (root / first.asset).write_bytes(data + b"\x00")
-    try:
+    with pytest.raises(IntegrityError):
         store.read(ref)
-        raise AssertionError("tampered file was read without error")
-    except IntegrityError:
-        pass
