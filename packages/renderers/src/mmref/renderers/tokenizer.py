@@ -85,19 +85,21 @@ def qwen2_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @functools.cache
-def tiny_tokenizer(words: tuple[str, ...] = (), specials: tuple[str, ...] = QWEN_SPECIAL_TOKENS) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer for tiny models: 256 bytes, then ``words`` as single tokens, then specials.
+def tiny_tokenizer(words: tuple[str, ...] = (), specials: tuple[str, ...] = QWEN_SPECIAL_TOKENS,
+                   alphabet: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer for tiny models: base bytes, then ``words`` as single tokens, then specials.
 
-    Any text encodes (bytes cover everything); each of ``words`` (with and without a leading
-    space) is one token, so a one-word answer is one sampled token. Vocab size is
-    ``256 + 2 * len(words) + len(specials)``.
+    Each of ``words`` (with and without a leading space) is one token, so a one-word answer is
+    one sampled token. With ``alphabet=None`` all 256 bytes are in the vocabulary and any text
+    encodes; with an alphabet, only its characters are (a small action space for tiny RL
+    tasks; other text is dropped by the BPE, so render only text of that alphabet).
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(byte_chars)}
-    merges: list[tuple[str, str]] = []
     byte_of = bytes_to_unicode()
+    allowed = range(256) if alphabet is None else sorted({b for ch in alphabet for b in ch.encode()})
+    vocab = {byte_of[b]: i for i, b in enumerate(allowed)}
+    merges: list[tuple[str, str]] = []
     for word in words:
         pieces = [byte_of[b] for b in word.encode()]
         merged = pieces[0]

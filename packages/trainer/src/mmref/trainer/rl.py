@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mmref.client.envs.color_codeword import ColorCodewordConfig, ColorCodewordEnv
+from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, ColorCodewordEnv
 from mmref.client.rollout import run_rollouts
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
@@ -44,6 +44,8 @@ from mmref.trainer.samples import TrainingSample, group_advantages
 from mmref.trainer.step import PolicyTrainer
 
 ROLE_WORDS = ("system", "user", "assistant", "codeword")
+RL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,10 @@ class RunDir:
 
 def build_policy(config: RunConfig, words: tuple[str, ...]):
     """The tokenizer, the tiny model whose special ids match it, and the layout spec."""
-    tokenizer = tiny_tokenizer(tuple(words) + ROLE_WORDS)
+    # Only the characters the task's text uses: a ~60-token action space, so a random policy
+    # names the right colour often enough for GRPO groups to see any reward at all.
+    text = SYSTEM_PROMPT + QUESTION + "".join(words + ROLE_WORDS) + " \n"
+    tokenizer = tiny_tokenizer(tuple(words) + ROLE_WORDS, specials=RL_SPECIALS, alphabet="".join(sorted(set(text))))
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
