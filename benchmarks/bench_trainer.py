@@ -1,6 +1,10 @@
 """Trainer stages: materialization vs its floor and vs per-slot processing, packing occupancy,
 and the split of one step's time.
 
+Materialize reads, verifies, decodes and processes each unique image once and moves it to
+the device once; rows share those tensors (the per-row concatenation happens on the device,
+inside the forward, where the vision tower then runs once per unique image).
+
 Prints one JSON line. Targets: materialize <= 1.25x the floor (decode + process each unique
 image once, same threads); packing occupancy >= 95% on a long-tailed length distribution.
 """

@@ -39,13 +39,17 @@ def test_each_unique_image_decoded_once_across_all_rows(store, monkeypatch):
     assert sum(o.image_grid_thw.shape[0] for o in out) == 16
 
 
-def test_pixels_equal_the_processor_on_each_slot(store):
+def test_pixels_equal_the_processor_on_each_slot_and_are_held_once_per_row(store):
     (row,) = pack(group(store, 2), 4096)
     (out,) = materializer(store).materialize([row])
-    images = [color_image(0, (64, 48)), color_image(1, (40, 40))] * 2
-    expected = processor("qwen2-vl")(images=images, return_tensors="pt")
-    assert torch.equal(out.pixel_values, expected["pixel_values"])
+    images = [color_image(0, (64, 48)), color_image(1, (40, 40))]
+    expected = processor("qwen2-vl")(images=images * 2, return_tensors="pt")
+    assert torch.equal(out.slot_pixel_values(), expected["pixel_values"])
     assert torch.equal(out.image_grid_thw, expected["image_grid_thw"])
+    unique = processor("qwen2-vl")(images=images, return_tensors="pt")
+    assert torch.equal(out.pixel_values(), unique["pixel_values"])  # 4 slots, 2 images held
+    assert out.image_index.tolist() == [0, 1, 0, 1]
+    assert torch.equal(out.unique_grid_thw, unique["image_grid_thw"])
 
 
 def test_missing_image_under_error_policy_names_assets(store):
@@ -69,7 +73,7 @@ def test_missing_image_placeholder_masks_only_affected_samples(store):
         assert (span.sum().item() == 0) == is_hit and (is_hit or span.sum().item() == 2)
         start += length
     assert out.missing_assets == [hit.images[0].ref.asset] and m.stats.missing_images == 1
-    assert out.pixel_values.shape[0] == sum(torch.tensor(s.ref.grid_thw).prod().item() for s in out.row.images)
+    assert out.slot_pixel_values().shape[0] == sum(torch.tensor(s.ref.grid_thw).prod().item() for s in out.row.images)
 
 
 def test_tampered_image_is_an_integrity_error(store):

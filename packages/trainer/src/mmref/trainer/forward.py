@@ -14,6 +14,7 @@ trainer and inference logprobs are comparable token for token.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,7 @@ from mmref.trainer.errors import ImageTokenMismatchError
 from mmref.trainer.logprobs import masked_log_softmax
 from mmref.trainer.materialize import MaterializedRow
 from mmref.trainer.pack import RopeIndex, row_position_ids
+from mmref.trainer.vision_once import vision_once
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ def sampled_image_token_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor, i
     return loss_mask & torch.isin(input_ids[0], banned)
 
 
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The Qwen-VL vision tower of a ``*ForConditionalGeneration`` model."""
+    return model.model.visual
+
+
 def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex, image_token_ids: Iterable[int],
                 merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error",
                 positions: Literal["loss", "all"] = "loss") -> RowOutput:
@@ -80,12 +87,14 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
     targets = batch.input_ids[0, 1:].to(device)
     keep = loss_mask[1:].to(device) if positions == "loss" else torch.ones_like(targets, dtype=torch.bool)
     index = keep.nonzero().flatten()  # positions whose next token we score
-    kwargs = {}
-    if batch.pixel_values is not None:
-        kwargs = dict(pixel_values=batch.pixel_values.to(device), image_grid_thw=batch.image_grid_thw.to(device))
+    kwargs, images = {}, nullcontext()
+    if batch.unique_pixels:
+        kwargs = dict(pixel_values=batch.pixel_values().to(device), image_grid_thw=batch.image_grid_thw.to(device))
+        images = vision_once(vision_tower(model), batch.unique_grid_thw, batch.image_index, merge_size)
     # logits_to_keep: the LM head (and its backward) runs only where a logprob is needed.
-    logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, logits_to_keep=index,
-                   mm_token_type_ids=batch.mm_token_type_ids.to(device), use_cache=False, **kwargs).logits[0]
+    with images:
+        logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, logits_to_keep=index,
+                       mm_token_type_ids=batch.mm_token_type_ids.to(device), use_cache=False, **kwargs).logits[0]
     logp = masked_log_softmax(logits, image_token_ids)  # (K, V)
     probs = logp.exp()
     token_logp = torch.zeros(targets.shape, dtype=logp.dtype, device=device)

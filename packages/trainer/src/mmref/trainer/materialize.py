@@ -1,8 +1,10 @@
 """The only trainer stage that turns refs into pixels, right before the forward pass.
 
 For a packed row: every unique sha256 is read, hash-verified, decoded and processed
-once (thread pool), then its tensors are placed in every slot that uses it, each checked
-against the ref's grid and token count. An optional cross-step cache keeps processed
+once (thread pool) and moved to the device once per micro-batch. A row holds its unique
+images (shared tensors, no copy) and ``image_index`` maps each slot to one of them; the
+forward concatenates them on the device and runs the vision tower once per unique image
+(``mmref.trainer.vision_once``). Grids and token counts are checked against each ref. An optional cross-step cache keeps processed
 images under a byte budget (LRU). When an image cannot be read:
 
 | missing_image_policy    | what happens                                                        |
@@ -42,18 +44,32 @@ class MaterializedRow:
 
     input_ids:        (1, L) int64
     mm_token_type_ids:(1, L) int32
-    pixel_values:     (sum of t*h*w over slots, C*tp*p*p) or None
-    image_grid_thw:   (num_slots, 3) int64 or None
+    unique_pixels:    one (t*h*w, C*tp*p*p) tensor per unique image of the row, on the device
+    unique_grid_thw:  (num_unique, 3) int64 or None, their grids
+    image_index:      (num_slots,) int64 or None, slot -> unique image
+    image_grid_thw:   (num_slots, 3) int64 or None, per slot (what the pad tokens need)
     loss_mask:        (L,) bool, with samples of missing images masked off
     """
 
     row: PackedRow
     input_ids: torch.Tensor
     mm_token_type_ids: torch.Tensor
-    pixel_values: torch.Tensor | None
+    unique_pixels: tuple[torch.Tensor, ...]
+    unique_grid_thw: torch.Tensor | None
+    image_index: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     loss_mask: torch.Tensor
     missing_assets: list[str] = field(default_factory=list)
+
+    def pixel_values(self) -> torch.Tensor | None:
+        """The unique images' pixels in one tensor (what the vision tower runs on); a copy."""
+        return torch.cat(self.unique_pixels) if self.unique_pixels else None
+
+    def slot_pixel_values(self) -> torch.Tensor | None:
+        """Pixels laid out per slot (each unique image repeated where it is used), as a processor makes them."""
+        if not self.unique_pixels:
+            return None
+        return torch.cat([self.unique_pixels[i] for i in self.image_index.tolist()])
 
 
 @dataclass
@@ -97,14 +113,15 @@ class Materializer:
         if missing:
             self.stats.missing_images += len(missing)
             log.warning("trainer: images missing, zero-loss placeholders used for their samples: %s", ", ".join(missing))
-        return [self._place(row, features, set(missing)) for row in rows]
+        pixels = {sha: self._to_device(found.pixel_values if (found := features[sha]) is not None
+                                       else self._placeholder(ref)) for sha, ref in unique.items()}
+        return [self._place(row, pixels, set(missing)) for row in rows]
 
-    def _place(self, row: PackedRow, features: dict[str, ImageFeatures | None], missing: set[str]) -> MaterializedRow:
-        pixels, grids = [], []
+    def _place(self, row: PackedRow, pixels: dict[str, torch.Tensor], missing: set[str]) -> MaterializedRow:
+        first: dict[str, RawImageRef] = {}
         for slot in row.images:
-            found = features[slot.ref.sha256]
-            pixels.append(found.pixel_values if found is not None else self._placeholder(slot.ref))
-            grids.append(slot.ref.grid_thw)
+            first.setdefault(slot.ref.sha256, slot.ref)
+        position = {sha: i for i, sha in enumerate(first)}
         self.stats.slots_filled += len(row.images)
         loss_mask = torch.tensor(row.loss_mask, dtype=torch.bool)
         row_missing = sorted({s.ref.asset for s in row.images if s.ref.asset in missing})
@@ -113,8 +130,11 @@ class Materializer:
         return MaterializedRow(
             row=row, input_ids=torch.tensor([row.token_ids]),
             mm_token_type_ids=torch.tensor([row.mm_token_type_ids], dtype=torch.int32),
-            pixel_values=self._to_device(torch.cat(pixels)) if pixels else None,
-            image_grid_thw=torch.tensor(grids) if grids else None, loss_mask=loss_mask, missing_assets=row_missing,
+            unique_pixels=tuple(pixels[sha] for sha in first),
+            unique_grid_thw=torch.tensor([ref.grid_thw for ref in first.values()]) if first else None,
+            image_index=torch.tensor([position[s.ref.sha256] for s in row.images]) if first else None,
+            image_grid_thw=torch.tensor([s.ref.grid_thw for s in row.images]) if first else None,
+            loss_mask=loss_mask, missing_assets=row_missing,
         )
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
