@@ -12,8 +12,8 @@ PAD, START, END = 151655, 151652, 151653
 MAX_PIXELS = 128 * 128
 
 
-def served(family: str = "qwen2-vl"):
-    return load_served_model(f"tiny-{family}", max_pixels=MAX_PIXELS)
+def served(family: str = "qwen2-vl", max_model_len: int | None = None):
+    return load_served_model(f"tiny-{family}", max_pixels=MAX_PIXELS, max_model_len=max_model_len)
 
 
 def picture(index: int, size=(64, 48)) -> Image.Image:

@@ -111,3 +111,10 @@ def test_length_limit_and_schema_errors(setup):
     expect_400(app, body_for(refs, max_tokens=model.engine.max_model_len), "exceeds max_model_len")
     expect_400(app, {"token_ids": [1], "sampling": {"temperature": -1}}, "temperature")
     expect_400(app, {"token_ids": [1], "pixel_values": [[0.1]]}, "pixel_values")
+
+
+@pytest.mark.parametrize("token", [-1, 10**9])
+def test_token_id_outside_the_vocabulary_is_a_400_naming_its_position(setup, token):
+    model, app, _, _ = setup
+    error = expect_400(app, {"token_ids": [1, 2, token]}, f"token_ids[2] = {token} is outside")
+    assert error["detail"]["position"] == 2

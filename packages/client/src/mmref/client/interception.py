@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmref.client.errors import ImageInputError, InferenceRequestError, InferenceUnavailableError, TraceError
 from mmref.client.images import prepare_images
@@ -43,6 +44,30 @@ class Session:
                            reward=reward)
 
 
+_PART = {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string", "enum": ["text", "image_url", "image"]},
+    "text": {"type": "string"},
+    "image_url": {"type": "object", "properties": {"url": {"type": "string"}}},
+}}
+# The OpenAI chat request as far as mmref reads it; documents the endpoints and drives the fuzz tests.
+CHAT_REQUEST_SCHEMA: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["messages"], "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role"], "properties": {
+                "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _PART}, {"type": "null"}]},
+                "tool_call_id": {"type": "string"},
+            }}},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "seed": {"type": "integer"},
+    }}}}}}
+
+
 def openai_error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
@@ -53,16 +78,20 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
     sessions: dict[str, Session] = {}
     app.state.sessions = sessions
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405
+        return openai_error(exc.status_code, str(exc.detail), "invalid_request_error")
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "mmref"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_REQUEST_SCHEMA)
     async def chat(request: Request) -> JSONResponse:
         key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         return await _complete(request, key or "default")
 
-    @app.post("/sessions/{session_id}/v1/chat/completions")
+    @app.post("/sessions/{session_id}/v1/chat/completions", openapi_extra=CHAT_REQUEST_SCHEMA)
     async def chat_in_session(session_id: str, request: Request) -> JSONResponse:
         return await _complete(request, session_id)
 

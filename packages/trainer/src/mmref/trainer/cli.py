@@ -22,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from mmref.trainer.inference import create_app, load_served_model
 
     served = load_served_model(args.model, engine=args.engine, device=args.device,
-                               min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                               min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_model_len=args.max_model_len)
     app = create_app(served, ImageStore(args.store), cache_bytes=args.cache_mb * 2**20)
     print(f"mmref serve: {served.name} ({served.family}, fingerprint {served.spec.fingerprint[:12]}) "
           f"on http://{args.host}:{args.port}, store {args.store}", flush=True)
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--min-pixels", type=int, help="override the processor's min_pixels")
     serve.add_argument("--max-pixels", type=int, help="override the processor's max_pixels")
+    serve.add_argument("--max-model-len", type=int, help="cap prompt + completion tokens (default: the model's limit)")
     serve.add_argument("--cache-mb", type=int, default=512, help="feature cache budget in MiB")
     serve.set_defaults(func=_serve)
     intercept = sub.add_parser("intercept", help="OpenAI-compatible endpoint that records traces for agent code")

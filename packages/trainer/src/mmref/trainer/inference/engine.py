@@ -27,6 +27,7 @@ class Engine(Protocol):
     """What the server needs from an engine."""
 
     max_model_len: int
+    vocab_size: int  # rows of the input embedding: valid prompt ids are [0, vocab_size)
     image_token_ids: frozenset[int]
     weight_version: int
 
@@ -49,7 +50,8 @@ class TransformersEngine:
     """Sampling with a transformers model on CPU or CUDA."""
 
     def __init__(self, model: torch.nn.Module, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
-                 pad_token_id: int, device: str = "cpu", weight_version: int = 0) -> None:
+                 pad_token_id: int, device: str = "cpu", weight_version: int = 0,
+                 max_model_len: int | None = None) -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.image_token_ids = frozenset(image_token_ids)
@@ -57,7 +59,11 @@ class TransformersEngine:
         self.pad_token_id = pad_token_id
         self.weight_version = weight_version
         text = getattr(model.config, "text_config", model.config)
-        self.max_model_len = int(text.max_position_embeddings)
+        limit = int(text.max_position_embeddings)
+        if max_model_len is not None and not 0 < max_model_len <= limit:
+            raise ValueError(f"max_model_len {max_model_len} must be in [1, {limit}] (the model's max_position_embeddings)")
+        self.max_model_len = max_model_len or limit
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -19,6 +19,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmref.renderers.errors import AssetNotFoundError, MMRefError
 from mmref.renderers.store import ImageStore
@@ -44,6 +45,10 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return error_response(400, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unparsable body, 404, 405
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.post("/inference/v1/generate")
     async def generate(body: GenerateRequest) -> JSONResponse:
@@ -91,7 +96,8 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
 
 
 async def _generate(served: ServedModel, store: ImageStore, cache: FeatureCache, body: GenerateRequest) -> GenerateResponse:
-    slots = validate_request(body, served.spec, served.image_pad_id, served.engine.max_model_len)
+    slots = validate_request(body, served.spec, served.image_pad_id, served.engine.max_model_len,
+                             served.engine.vocab_size)
 
     def loader(ref):
         return lambda: process_pixels(store.read(ref), ref, served.processor, stage="inference server")

@@ -38,8 +38,13 @@ class ServedModel:
 
 
 def load_served_model(model: str, engine: str = "transformers", device: str = "cpu",
-                      min_pixels: int | None = None, max_pixels: int | None = None) -> ServedModel:
-    """Build the model, its processor and an engine from ``tiny-<family>`` or a checkpoint directory."""
+                      min_pixels: int | None = None, max_pixels: int | None = None,
+                      max_model_len: int | None = None) -> ServedModel:
+    """Build the model, its processor and an engine from ``tiny-<family>`` or a checkpoint directory.
+
+    ``max_model_len`` caps prompt + completion below the model's position limit (as vLLM's
+    option of that name does): it bounds the work a single request can ask for.
+    """
     meta: dict[str, Any] = {}
     if model.startswith("tiny-"):
         hf_model = build_tiny_model(model.removeprefix("tiny-"))
@@ -60,6 +65,7 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
                          "(mmref.trainer.inference.vllm_engine) but is not wired to a server engine yet")
     served_engine: Engine = TransformersEngine(hf_model, image_token_ids_of(hf_model), stops,
                                            pad_token_id=meta.get("pad_token_id", stops[0]), device=device,
-                                           weight_version=int(meta.get("weight_version", 0)))
+                                           weight_version=int(meta.get("weight_version", 0)),
+                                           max_model_len=max_model_len)
     return ServedModel(model, family, processor_spec(family, processor), processor, served_engine,
                        int(hf_model.config.image_token_id))

@@ -27,9 +27,14 @@ class RequestError(ValueError):
         self.detail, self.status, self.kind = detail or {}, status, kind
 
 
-def validate_request(request: GenerateRequest, spec: LayoutSpec, image_pad_id: int, max_model_len: int) -> list[ImageSlot]:
+def validate_request(request: GenerateRequest, spec: LayoutSpec, image_pad_id: int, max_model_len: int,
+                     vocab_size: int) -> list[ImageSlot]:
     """The request's image slots, checked; raises ``RequestError`` on the first problem."""
     tokens = request.token_ids
+    bad = next((i for i, t in enumerate(tokens) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"token_ids[{bad}] = {tokens[bad]} is outside the model's vocabulary [0, {vocab_size})",
+                           {"position": bad, "expected": f"[0, {vocab_size})", "actual": tokens[bad]})
     needed = len(tokens) + request.sampling.max_tokens
     if needed > max_model_len:
         raise RequestError(f"prompt of {len(tokens)} tokens + max_tokens {request.sampling.max_tokens} = {needed} "
