@@ -12,7 +12,7 @@ import os
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from schemathesis import GenerationMode
 
 from inference_cases import app_and_store, served
@@ -26,18 +26,24 @@ EXAMPLES = int(os.environ.get("MMREF_FUZZ_EXAMPLES", "25"))
 MAX_MODEL_LEN = 256  # bounds the work of one request, as `mmref serve --max-model-len` does
 
 
-def fuzz(app, error_fields: tuple[str, ...]) -> dict[str, int]:
-    """Run every operation of ``app``'s schema in both modes; the status counts seen."""
+def fuzz(app, error_fields: tuple[str, ...], valid: dict[str, dict] | None = None) -> dict[str, int]:
+    """Run every operation of ``app``'s schema in both modes; the status counts seen.
+
+    ``valid`` maps "METHOD path" to the arguments of one known-good ``Case``: it is always
+    tried first, so the success path is exercised whatever the generator draws.
+    """
+    valid = valid or {}
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     statuses: dict[str, int] = {}
     for operation in (result.ok() for result in schema.get_all_operations()):
         # Negative cases need something to break: a body or parameters (the POSTs here).
         for mode in GenerationMode if operation.method.upper() == "POST" else [GenerationMode.POSITIVE]:
             @given(case=operation.as_strategy(generation_mode=mode))
+            @example(case=operation.Case(**valid.get(f"{operation.method.upper()} {operation.path}", {})))
             @settings(max_examples=EXAMPLES, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
             def check(case):
-                response = case.call()
+                response = case.call(timeout=120)  # n=256 x max_model_len is slow, not hung
                 assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
                 key = f"{case.method} {case.path} {response.status_code}"
                 statuses[key] = statuses.get(key, 0) + 1
@@ -51,7 +57,8 @@ def fuzz(app, error_fields: tuple[str, ...]) -> dict[str, int]:
 @pytest.mark.timeout(900)
 def test_inference_server_under_schemathesis():
     app, _ = app_and_store(served(max_model_len=MAX_MODEL_LEN))
-    statuses = fuzz(app, ("message", "type"))
+    valid = {"POST /inference/v1/generate": {"body": {"token_ids": [1, 2, 3], "sampling": {"max_tokens": 4}}}}
+    statuses = fuzz(app, ("message", "type"), valid)
     assert any(key.startswith("POST /inference/v1/generate 200") for key in statuses), statuses
     assert any(key.startswith("POST /inference/v1/generate 400") for key in statuses), statuses
 
@@ -61,6 +68,9 @@ def test_interception_server_under_schemathesis(tmp_path):
     inference, _ = app_and_store(served(max_model_len=MAX_MODEL_LEN))
     client = TrainClient("http://inference", transport=httpx.ASGITransport(app=inference), max_retries=0)
     renderer = create_renderer(qwen2_tokenizer(), "qwen2-vl", spec=inference.state.served.spec)
-    statuses = fuzz(create_interception_app(renderer, client, ImageStore(tmp_path)), ("message", "type"))
+    chat = {"body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}}
+    valid = {"POST /v1/chat/completions": chat,
+             "POST /sessions/{session_id}/v1/chat/completions": {**chat, "path_parameters": {"session_id": "s1"}}}
+    statuses = fuzz(create_interception_app(renderer, client, ImageStore(tmp_path)), ("message", "type"), valid)
     assert any(" 200" in key and "chat/completions" in key for key in statuses), statuses
     assert any(" 400" in key and "chat/completions" in key for key in statuses), statuses

@@ -2,8 +2,8 @@
 
 The transformers engine serializes requests on one model through an asyncio queue (one
 worker thread owns the model); a request's ``n`` samples run as one batch of ``n`` rows.
-Image special tokens are suppressed during sampling and logprobs are reported under the
-same mask (``mmref.trainer.logprobs``).
+Image special tokens are removed from the sampling distribution and logprobs are reported
+under the same mask, recorded step by step (``inference.sampling.RecordingSampler``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from transformers import LogitsProcessorList
 
 from mmref.trainer.checkpoint import load_weights_into
 from mmref.trainer.inference.api import Choice, SamplingParams
-from mmref.trainer.logprobs import masked_log_softmax
+from mmref.trainer.inference.sampling import RecordingSampler
 from mmref.trainer.pixels import ImageFeatures
 
 
@@ -115,19 +116,16 @@ class TransformersEngine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
-            greedy = sampling.temperature == 0
+            sampler = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids),
                 mm_token_type_ids=torch.tensor([mm_token_type_ids], device=self.device), **kwargs,
-                do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p, top_k=None, max_new_tokens=sampling.max_tokens,
-                suppress_tokens=sorted(self.image_token_ids), eos_token_id=stops, pad_token_id=self.pad_token_id,
-                num_return_sequences=sampling.n, output_logits=True, return_dict_in_generate=True,
+                do_sample=sampling.temperature > 0, logits_processor=LogitsProcessorList([sampler]),
+                max_new_tokens=sampling.max_tokens, eos_token_id=stops, pad_token_id=self.pad_token_id,
+                num_return_sequences=sampling.n, return_dict_in_generate=True,
             )
             completions = out.sequences[:, ids.shape[1]:]
-            scale = 1.0 if greedy else sampling.temperature
-            logp = masked_log_softmax(torch.stack(out.logits, dim=1) / scale, self.image_token_ids)
-            token_logp = logp.gather(-1, completions[..., None]).squeeze(-1)
+            token_logp = sampler.finish(out.sequences)
         return [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(completions, token_logp)]
 
     async def update_weights(self, path: str) -> int:

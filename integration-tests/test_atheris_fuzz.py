@@ -1,0 +1,22 @@
+"""Coverage-guided fuzzing (atheris) of ref parsing, data URLs and image bytes: only typed errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("atheris", reason="atheris (dev group, Linux only) is not installed")
+HARNESS = Path(__file__).parent / "fuzz" / "fuzz_inputs.py"
+RUNS = int(os.environ.get("MMREF_FUZZ_RUNS", "20000"))
+
+
+@pytest.mark.timeout(300)
+def test_untrusted_inputs_raise_only_typed_errors(tmp_path):
+    result = subprocess.run([sys.executable, str(HARNESS), f"-runs={RUNS}", "-max_total_time=240"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=280)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "Done" in log and "crash-" not in log, log[-4000:]
+    assert not list(tmp_path.glob("crash-*")), log[-4000:]

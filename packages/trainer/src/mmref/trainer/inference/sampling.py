@@ -1,0 +1,51 @@
+"""The one logits processor the transformers engine samples through, recording logprobs as it goes.
+
+``generate(output_logits=True)`` keeps every step's full-vocab logits: n=8 samples of 1024
+tokens over Qwen's 152k vocab is 5 GB, and a fuzzed n=256 request exhausted memory. This
+processor keeps one step instead. Each step it
+
+1. gathers the logprob of the token sampled at the previous step (now the last of
+   ``input_ids``) from that step's distribution;
+2. computes this step's distribution, ``masked_log_softmax(logits / temperature)`` with
+   image special tokens removed (``mmref.trainer.logprobs``: the trainer's definition);
+3. returns it, top-p truncated, as the scores ``generate`` samples from (greedy: argmax).
+
+``generate`` must add no processors of its own (temperature/top_p/top_k unset), so this
+one sees the raw logits. After ``generate``, ``finish(sequences)`` gathers the last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import LogitsProcessor, TopPLogitsWarper
+
+from mmref.trainer.logprobs import masked_log_softmax
+
+
+class RecordingSampler(LogitsProcessor):
+    """Image-token mask, temperature and top-p for sampling; per-token logprobs of what was sampled."""
+
+    def __init__(self, banned_token_ids: Iterable[int], temperature: float, top_p: float) -> None:
+        self.banned = sorted(banned_token_ids)
+        self.scale = temperature if temperature > 0 else 1.0
+        self.top_p = TopPLogitsWarper(top_p) if 0 < top_p < 1 and temperature > 0 else None
+        self._steps: list[torch.Tensor] = []  # (B,) logprob of each sampled token so far
+        self._last: torch.Tensor | None = None  # (B, V) the latest step's distribution
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self._steps.append(self._gather(input_ids[:, -1]))
+        self._last = masked_log_softmax(scores / self.scale, self.banned)
+        return self.top_p(input_ids, self._last) if self.top_p is not None else self._last
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, steps) logprobs of the generated tokens, given ``generate``'s output sequences."""
+        if self._last is not None:
+            self._steps.append(self._gather(sequences[:, -1]))
+            self._last = None
+        return torch.stack(self._steps, dim=1) if self._steps else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+
+    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._last.gather(-1, tokens[:, None].to(self._last.device)).squeeze(-1)
