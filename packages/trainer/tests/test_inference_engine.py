@@ -11,7 +11,7 @@ from mmref.trainer.materialize import Materializer
 from mmref.trainer.models import image_token_ids_of
 from mmref.trainer.pack import pack
 from mmref.trainer.samples import TrainingSample
-from mmref.renderers.refs import ImageSlot
+from mmref.renderers.refs import ImageSlot, parse_ref
 from inference_cases import PAD, app_and_store, client, prompt_with_images, served, stored_refs
 
 
@@ -22,27 +22,30 @@ def generate(app, ids, slots, **sampling):
     return asyncio.run(call())
 
 
+def teacher_forced(model, store, ids, slots, completion):
+    """The trainer's logprobs of ``completion`` after prompt ``ids`` (a teacher-forced forward)."""
+    tokens = ids + completion
+    n = len(tokens)
+    refs = [parse_ref(s["ref"]) for s in slots]
+    sample = TrainingSample(model.family, tokens, [i >= len(ids) for i in range(n)], [0.0] * n, [0.0] * n,
+                            [ImageSlot(ref=r, offset=s["offset"], length=s["length"]) for r, s in zip(refs, slots)], PAD)
+    row = Materializer(store, model.spec, model.processor).materialize(pack([sample], 10**6))[0]
+    hf_model = model.engine.model
+    with torch.no_grad():
+        out = forward_row(hf_model, row, hf_model.model.get_rope_index, image_token_ids_of(hf_model),
+                          model.spec.merge_size)
+    return out.logprobs[len(ids) - 1:]
+
+
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_engine_logprobs_equal_trainer_teacher_forced_forward(family):
     model = served(family)
     app, store = app_and_store(model)
-    refs = stored_refs(model, store, 2)
-    ids, slots = prompt_with_images(refs)
+    ids, slots = prompt_with_images(stored_refs(model, store, 2))
     response = generate(app, ids, slots, max_tokens=6, n=2, seed=3)
     assert response.status_code == 200, response.text
-    hf_model = model.engine.model
     for choice in response.json()["choices"]:
-        completion = choice["token_ids"]
-        tokens = ids + completion
-        n = len(tokens)
-        mask = [i >= len(ids) for i in range(n)]
-        sample = TrainingSample(family, tokens, mask, [0.0] * n, [0.0] * n,
-                                [ImageSlot(ref=r, offset=s["offset"], length=s["length"]) for r, s in zip(refs, slots)], PAD)
-        row = Materializer(store, model.spec, model.processor).materialize(pack([sample], 10**6))[0]
-        with torch.no_grad():
-            out = forward_row(hf_model, row, hf_model.model.get_rope_index, image_token_ids_of(hf_model),
-                              model.spec.merge_size)
-        trainer = out.logprobs[len(ids) - 1:]
+        trainer = teacher_forced(model, store, ids, slots, choice["token_ids"])
         assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
 
 
@@ -120,3 +123,25 @@ def test_checkpoint_from_a_training_step_reloads_into_the_server_with_the_traine
     with torch.no_grad():
         out = forward_row(trainer.model, row, trainer.rope_index, model.engine.image_token_ids, 2)
     assert (out.logprobs[len(ids) - 1:] - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+
+
+def test_concurrent_requests_run_as_one_batch_with_the_same_logprobs_as_alone():
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    refs = stored_refs(model, store, 3)
+    prompts = [prompt_with_images(refs[:k]) for k in (1, 2, 3)]  # different lengths and image counts
+    calls = []
+    real = model.engine.generate_batch
+    model.engine.generate_batch = lambda jobs: calls.append(len(jobs)) or real(jobs)
+
+    async def many():
+        async with client(app) as c:
+            return await asyncio.gather(*(c.post("/inference/v1/generate", json={
+                "token_ids": ids, "images": slots, "sampling": {"max_tokens": 5, "n": 2}}) for ids, slots in prompts))
+    responses = asyncio.run(many())
+    assert all(r.status_code == 200 for r in responses) and max(calls) > 1
+    for (ids, slots), response in zip(prompts, responses):
+        for choice in response.json()["choices"]:  # each row's logprobs equal a teacher-forced forward alone
+            assert len(choice["token_ids"]) == len(choice["logprobs"])
+            alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
+            assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4

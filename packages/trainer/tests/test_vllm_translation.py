@@ -1,5 +1,6 @@
 """Our requests in vLLM's types (pure translation; vLLM itself is not needed)."""
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -36,6 +37,14 @@ def test_choices_from_request_output():
         ([5, 151645], [-0.5, -0.1], "stop"), ([6], [-2.0], "length")]
 
 
-def test_serving_with_vllm_says_it_is_not_wired():
-    with pytest.raises(ValueError, match="not wired"):
+def test_serving_with_vllm_without_the_extra_says_how_to_get_it():
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed: integration-tests/test_vllm_e2e.py covers the engine")
+    with pytest.raises(ValueError, match="needs the 'vllm' extra"):
         load_served_model("tiny-qwen2-vl", engine="vllm")
+
+
+def test_unknown_engine_is_named():
+    with pytest.raises(ValueError, match="unknown engine 'sglang'"):
+        load_served_model("tiny-qwen2-vl", engine="sglang")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from mmref.renderers.contract import verify_ref
 from mmref.renderers.decode import decode_rgb
@@ -32,6 +33,23 @@ class ImageFeatures:
     @property
     def nbytes(self) -> int:
         return self.pixel_values.numel() * self.pixel_values.element_size()
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A hash-verified, decoded image, for engines that process pixels themselves (vLLM)."""
+
+    image: Image.Image
+    grid_thw: tuple[int, int, int]  # the ref's, checked against layout math by ``verify_ref``
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.width * self.image.height * len(self.image.getbands())
+
+
+def decoded_image(data: bytes, ref: RawImageRef) -> DecodedImage:
+    """Decode verified bytes (size checked against the ref)."""
+    return DecodedImage(decode_rgb(data, ref), tuple(ref.grid_thw))
 
 
 def process_pixels(data: bytes, ref: RawImageRef, processor, stage: str) -> ImageFeatures:

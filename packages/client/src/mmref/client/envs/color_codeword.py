@@ -83,7 +83,7 @@ def draw_shape_image(rng: random.Random, color: str, width: int, height: int, bl
         x, y, g = rng.randrange(width), rng.randrange(height), rng.randint(100, 156)
         draw.point((x, y), fill=(g, g, g))
     side = min(width, height)
-    r = rng.randint(max(3, side // 5), max(4, side // 2 - 2))
+    r = rng.randint(max(3, side * 3 // 8), max(4, side // 2 - 1))  # large: colour dominates the image
     cx, cy = rng.randint(r, width - r), rng.randint(r, height - r)
     box = [cx - r, cy - r, cx + r, cy + r]
     shape = rng.choice(SHAPES)

@@ -1,7 +1,8 @@
 """Inference engines: the ``Engine`` protocol and the built-in transformers engine.
 
-The transformers engine serializes requests on one model through an asyncio queue (one
-worker thread owns the model); a request's ``n`` samples run as one batch of ``n`` rows.
+The transformers engine queues requests (asyncio) for one worker thread that owns the
+model; requests waiting together with the same sampling params (and no seed) run as one
+left-padded ``generate`` batch, each with its ``n`` samples as rows.
 Image special tokens are removed from the sampling distribution and logprobs are reported
 under the same mask, recorded step by step (``inference.sampling.RecordingSampler``).
 """
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from transformers import LogitsProcessorList
@@ -27,6 +28,7 @@ from mmref.trainer.pixels import ImageFeatures
 class Engine(Protocol):
     """What the server needs from an engine."""
 
+    input_kind: Literal["features", "images"]  # processed ImageFeatures, or DecodedImage for engines that process
     max_model_len: int
     vocab_size: int  # rows of the input embedding: valid prompt ids are [0, vocab_size)
     image_token_ids: frozenset[int]
@@ -49,6 +51,8 @@ class _Job:
 
 class TransformersEngine:
     """Sampling with a transformers model on CPU or CUDA."""
+
+    input_kind = "features"
 
     def __init__(self, model: torch.nn.Module, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
                  pad_token_id: int, device: str = "cpu", weight_version: int = 0,
@@ -95,38 +99,54 @@ class TransformersEngine:
                     job.future.set_result(result)
 
     def _run_jobs(self, jobs: list[_Job]) -> list[list[Choice] | BaseException]:
-        results: list[list[Choice] | BaseException] = []
-        for job in jobs:
+        """Run drained jobs, batching those with equal sampling params and no seed into one ``generate``."""
+        results: dict[int, list[Choice] | BaseException] = {}
+        for batch in _batches(jobs):
             try:
-                results.append(self.generate_sync(job.prompt_ids, job.features, job.mm_token_type_ids, job.sampling))
-            except Exception as exc:  # delivered to the waiting request, the worker lives on
-                results.append(exc)
-        return results
+                for job, choices in zip(batch, self.generate_batch(batch)):
+                    results[id(job)] = choices
+            except Exception as exc:  # delivered to the waiting requests, the worker lives on
+                if len(batch) > 1:  # isolate the bad request: the others still get answers
+                    for job in batch:
+                        results[id(job)] = self._run_jobs([job])[0]
+                else:
+                    results[id(batch[0])] = exc
+        return [results[id(job)] for job in jobs]
 
     @torch.no_grad()
-    def generate_sync(self, prompt_ids: list[int], features: Sequence[ImageFeatures], mm_token_type_ids: list[int],
-                      sampling: SamplingParams) -> list[Choice]:
-        """Sample ``sampling.n`` completions of one prompt (blocking)."""
+    def generate_batch(self, jobs: Sequence[_Job]) -> list[list[Choice]]:
+        """Sample ``n`` completions for each job's prompt in one left-padded batch (blocking).
+
+        The jobs share sampling params; rows come back job by job, ``n`` each.
+        """
+        sampling = jobs[0].sampling
+        width = max(len(job.prompt_ids) for job in jobs)
+
+        def left_pad(values: list[int], fill: int) -> list[int]:
+            return [fill] * (width - len(values)) + list(values)
+
+        ids = torch.tensor([left_pad(j.prompt_ids, self.pad_token_id) for j in jobs], device=self.device)
+        mask = torch.tensor([left_pad([1] * len(j.prompt_ids), 0) for j in jobs], device=self.device)
+        types = torch.tensor([left_pad(j.mm_token_type_ids, 0) for j in jobs], device=self.device)
+        features = [f for job in jobs for f in job.features]
+        kwargs = {}
+        if features:
+            kwargs = dict(pixel_values=torch.cat([f.pixel_values for f in features]).to(self.device),
+                          image_grid_thw=torch.tensor([f.grid_thw for f in features], device=self.device))
+        stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
+        sampler = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
         with self._model_lock:
-            ids = torch.tensor([prompt_ids], device=self.device)
-            kwargs = {}
-            if features:
-                kwargs = dict(pixel_values=torch.cat([f.pixel_values for f in features]).to(self.device),
-                              image_grid_thw=torch.tensor([f.grid_thw for f in features], device=self.device))
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
-            sampler = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
             out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids),
-                mm_token_type_ids=torch.tensor([mm_token_type_ids], device=self.device), **kwargs,
+                input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kwargs,
                 do_sample=sampling.temperature > 0, logits_processor=LogitsProcessorList([sampler]),
                 max_new_tokens=sampling.max_tokens, eos_token_id=stops, pad_token_id=self.pad_token_id,
                 num_return_sequences=sampling.n, return_dict_in_generate=True,
             )
-            completions = out.sequences[:, ids.shape[1]:]
             token_logp = sampler.finish(out.sequences)
-        return [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(completions, token_logp)]
+        rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(out.sequences[:, width:], token_logp)]
+        return [rows[i * sampling.n:(i + 1) * sampling.n] for i in range(len(jobs))]
 
     async def update_weights(self, path: str) -> int:
         def load() -> int:
@@ -142,3 +162,15 @@ def _choice(ids: list[int], logprobs: list[float], stops: Sequence[int]) -> Choi
         if token in stops:
             return Choice(token_ids=ids[: i + 1], logprobs=logprobs[: i + 1], finish_reason="stop")
     return Choice(token_ids=ids, logprobs=logprobs, finish_reason="length")
+
+
+def _batches(jobs: Sequence[_Job]) -> list[list[_Job]]:
+    """Jobs grouped by identical sampling params; a seeded job runs alone (its seed must mean one prompt)."""
+    groups: dict[str, list[_Job]] = {}
+    alone = []
+    for job in jobs:
+        if job.sampling.seed is not None:
+            alone.append([job])
+        else:
+            groups.setdefault(job.sampling.model_dump_json(), []).append(job)
+    return list(groups.values()) + alone

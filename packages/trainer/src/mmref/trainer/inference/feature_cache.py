@@ -1,4 +1,5 @@
-"""Processed image features, cached by (sha256, layout fingerprint) under a byte budget.
+"""Processed image features (or decoded images, for vLLM), cached by (sha256, layout fingerprint)
+under a byte budget.
 
 - LRU eviction once the budget is exceeded; an entry larger than the budget is not kept.
 - Single-flight: concurrent requests for one image await one computation.
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from mmref.renderers.errors import ContractMismatchError
 from mmref.renderers.refs import RawImageRef
 from mmref.trainer.byte_lru import ByteLRU
-from mmref.trainer.pixels import ImageFeatures
+from mmref.trainer.pixels import DecodedImage, ImageFeatures
+
+Cached = ImageFeatures | DecodedImage
 
 
 @dataclass
@@ -32,7 +35,7 @@ class FeatureCache:
 
     def __init__(self, budget_bytes: int) -> None:
         self.stats = CacheStats()
-        self._entries: ByteLRU[ImageFeatures] = ByteLRU(budget_bytes)
+        self._entries: ByteLRU[Cached] = ByteLRU(budget_bytes)
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
 
     def __len__(self) -> int:
@@ -42,7 +45,7 @@ class FeatureCache:
     def bytes(self) -> int:
         return self._entries.bytes
 
-    async def get(self, ref: RawImageRef, compute: Callable[[], ImageFeatures]) -> ImageFeatures:
+    async def get(self, ref: RawImageRef, compute: Callable[[], Cached]) -> Cached:
         """Features of ``ref``: cached, awaited from an in-flight computation, or computed now."""
         key = (ref.sha256, ref.fingerprint)
         cached = self._entries.get(key)
@@ -70,7 +73,7 @@ class FeatureCache:
         return features
 
     @staticmethod
-    def _checked(ref: RawImageRef, features: ImageFeatures) -> ImageFeatures:
+    def _checked(ref: RawImageRef, features: Cached) -> Cached:
         if tuple(features.grid_thw) != tuple(ref.grid_thw):
             raise ContractMismatchError(f"inference server: image {ref.describe()}: ref grid_thw {ref.grid_thw} does "
                                         f"not match the stored image's grid {features.grid_thw}")

@@ -28,7 +28,7 @@ from mmref.trainer.inference.feature_cache import FeatureCache
 from mmref.trainer.inference.metrics import ServerMetrics
 from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.inference.validate import RequestError, validate_request
-from mmref.trainer.pixels import process_pixels
+from mmref.trainer.pixels import decoded_image, process_pixels
 
 
 def error_response(status: int, message: str, kind: str, detail: dict | None = None) -> JSONResponse:
@@ -100,6 +100,8 @@ async def _generate(served: ServedModel, store: ImageStore, cache: FeatureCache,
                              served.engine.vocab_size)
 
     def loader(ref):
+        if served.engine.input_kind == "images":  # the engine processes pixels itself (vLLM)
+            return lambda: decoded_image(store.read(ref), ref)
         return lambda: process_pixels(store.read(ref), ref, served.processor, stage="inference server")
 
     features = await asyncio.gather(*(cache.get(s.ref, loader(s.ref)) for s in slots))

