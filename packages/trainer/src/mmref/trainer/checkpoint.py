@@ -1,7 +1,8 @@
 """Checkpoints the inference server's ``/update_weights`` loads.
 
 A checkpoint is a directory with the model's ``config.json``, its state dict as
-``model.safetensors`` (key names exactly as in the live module, tied weights once) and
+``model.safetensors`` (key names exactly as in the live module, tied weights once under
+the embedding's name, which vLLM reads too) and
 ``mmref.json`` with the family and the weight version::
 
     ckpt/step-000012/
@@ -14,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+import torch
+from safetensors.torch import load_model, save_file
 from transformers import PreTrainedModel
 
 
@@ -24,7 +26,7 @@ def save_checkpoint(model: PreTrainedModel, directory: str | Path, family: str, 
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(first_names(model.state_dict()), str(tmp / "model.safetensors"))
     (tmp / "mmref.json").write_text(json.dumps({"family": family, "weight_version": weight_version}))
     if directory.exists():
         for child in directory.iterdir():
@@ -32,6 +34,22 @@ def save_checkpoint(model: PreTrainedModel, directory: str | Path, family: str, 
         directory.rmdir()
     os.replace(tmp, directory)
     return directory
+
+
+def first_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One entry per storage, under its first name in module order.
+
+    Tied weights keep the input embedding's name (``...embed_tokens.weight``), which is the
+    name Hugging Face and vLLM loaders read; ``lm_head.weight`` is dropped as its alias.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor.contiguous()
+    return kept
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict:

