@@ -2,7 +2,8 @@
 
     ratio   = exp(logp_trainer - logp_inference)
     loss_t  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)   (DAPO-style
-              asymmetric clip), plus kl_coef * k3(ref || policy) when a reference is given
+              asymmetric clip), plus kl_coef * k3(ref || policy) when a reference is given,
+              minus entropy_coef * entropy_t (an exploration bonus; 0 by default)
     loss    = sum over loss tokens / normalizer (token-level mean across the whole step)
 
 Pure torch: tensors in, a scalar and metric tensors out.
@@ -28,7 +29,8 @@ class LossOutput:
 
 def policy_loss(logprobs: torch.Tensor, inference_logprobs: torch.Tensor, advantages: torch.Tensor,
                 loss_mask: torch.Tensor, entropy: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
-                kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None) -> LossOutput:
+                kl_coef: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+                entropy_coef: float = 0.0) -> LossOutput:
     """Clipped policy-gradient loss summed over masked tokens. All inputs (T,)."""
     mask = loss_mask.float()
     # Non-loss positions can hold -inf (image tokens are banned targets): zero them before exp.
@@ -41,6 +43,8 @@ def policy_loss(logprobs: torch.Tensor, inference_logprobs: torch.Tensor, advant
     if kl_coef > 0 and ref_logprobs is not None:
         delta = torch.where(loss_mask, ref_logprobs - logprobs, torch.zeros_like(logprobs))
         per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
     with torch.no_grad():
         was_clipped = ((clipped != unclipped) & loss_mask).sum()
         # k3 estimator of KL(inference || trainer): how far the two engines disagree.

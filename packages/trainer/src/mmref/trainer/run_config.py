@@ -72,6 +72,7 @@ class TrainConfig(_Section):
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.28, ge=0)
     kl_coef: float = Field(0.0, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)  # exploration bonus: keeps small policies from collapsing early
     max_seq_len: int = Field(2048, ge=16)
     nproc: int = Field(1, ge=1)
     missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"

@@ -81,7 +81,7 @@ class PolicyTrainer:
                 result = policy_loss(
                     out.logprobs, torch.tensor(row.inference_logprobs[1:], device=device),
                     torch.tensor(row.advantages[1:], device=device), out.loss_mask, out.entropy,
-                    self.config.clip_low, self.config.clip_high,
+                    self.config.clip_low, self.config.clip_high, entropy_coef=self.config.entropy_coef,
                 )
                 times["forward"] += time.perf_counter() - start
                 start = time.perf_counter()
