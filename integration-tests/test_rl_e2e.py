@@ -21,6 +21,8 @@ def test_short_rl_run_writes_metrics_plot_viewer_and_checkpoints(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
     assert all(m["rollouts"] == 4 and 0.0 <= m["reward_mean"] <= 1.0 for m in metrics)
+    # max_async = 1: step 1's rollouts were sampled while step 0 trained, with step 0's weights.
+    assert [m["off_policy_lag"] for m in metrics] == [0, 1]
     # Byte counters of each hop: requests carry refs (a few KB), never pixel tensors.
     assert all(m["pixel_bytes_sent"] == 0 and 0 < m["request_bytes"] < 2_000_000 for m in metrics)
     assert Image.open(out / "reward.png").format == "PNG"

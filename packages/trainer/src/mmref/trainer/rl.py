@@ -174,15 +174,23 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
     config = orch.config
     history = []
     async with TrainClient(base_url) as client, httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
             start = time.perf_counter()
-            traces = await orch.collect(client, step)
-            rollout_s = time.perf_counter() - start
+            traces = await pending
+            rollout_s = time.perf_counter() - start  # the wait for this step's rollouts
+            if config.max_async >= 1 and step + 1 < config.max_steps:
+                # Off-policy by at most one step: the next batch samples while this one trains.
+                pending = asyncio.create_task(orch.collect(client, step + 1))
             samples = orch.samples(traces)
             rows = pack(samples, config.train.max_seq_len)
-            step_metrics = orch.trainer.step([MicroBatch(step, rows)])
+            step_metrics = await asyncio.to_thread(orch.trainer.step, [MicroBatch(step, rows)])
             train_s = time.perf_counter() - start - rollout_s
             await orch.sync_weights(http, step)
+            if config.max_async == 0 and step + 1 < config.max_steps:
+                pending = asyncio.create_task(orch.collect(client, step + 1))
+            versions = [n.weight_version or 0 for t in traces for n in t.nodes]
+            lag = step - min(versions)  # weight version v = after v steps; this step trains version `step`
             rewards = [t.reward for t in traces]
             tokens = sum(len(n.completion_ids) for t in traces for n in t.nodes)
             wall = time.perf_counter() - start
@@ -190,7 +198,8 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
                        "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
                        "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
                        "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,
-                       "request_bytes": client.bytes_sent, "pixel_bytes_sent": 0, **step_metrics.as_dict()}
+                       "request_bytes": client.bytes_sent, "pixel_bytes_sent": 0, "off_policy_lag": lag,
+                       **step_metrics.as_dict()}
             orch.record(step, traces, metrics)
             history.append(metrics)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "

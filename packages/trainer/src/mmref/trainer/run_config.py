@@ -90,7 +90,7 @@ class RunConfig(_Section):
     """A whole run."""
 
     max_steps: int = Field(60, ge=1)
-    max_async: int = Field(1, ge=0)
+    max_async: int = Field(1, ge=0, le=1)  # 0: sample, then train; 1: sample the next batch while training (lag <= 1)
     seed: int = 0
     output_dir: str = "runs/color-codeword"
     device: Literal["auto", "cpu", "cuda"] = "auto"
