@@ -107,7 +107,8 @@ class Orchestrator:
         self.run = RunDir(run_dir)
         (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
         env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns, min_side=config.env.min_side,
-                                         max_side=config.env.max_side, blank_images=config.env.ablate_images)
+                                         max_side=config.env.max_side, blank_images=config.env.ablate_images,
+                                         system_prompt=config.env.system_prompt)
         self.env_config = env_config
         torch.manual_seed(config.seed)
         self.tokenizer, train_model, self.spec = build_policy(config, env_config.words)

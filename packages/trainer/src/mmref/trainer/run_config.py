@@ -49,6 +49,7 @@ class EnvConfig(_Section):
     turns: int = Field(2, ge=1)
     min_side: int = Field(40, ge=8)
     max_side: int = Field(96, ge=8)
+    system_prompt: bool = True  # False: a shorter prompt, so image tokens are a larger share of it
     ablate_images: bool = False
 
 

@@ -46,6 +46,7 @@ class ColorCodewordConfig:
     | min_side        | 40      | smallest image side in pixels                          |
     | max_side        | 96      | largest image side in pixels                           |
     | blank_images    | False   | ablation: same-size blank images (chance-level task)   |
+    | system_prompt   | True    | open with the instruction (False: image + question only) |
     """
 
     colors: int = 4
@@ -53,6 +54,7 @@ class ColorCodewordConfig:
     min_side: int = 40
     max_side: int = 96
     blank_images: bool = False
+    system_prompt: bool = True
 
     def __post_init__(self) -> None:
         if not 2 <= self.colors <= len(COLORS):
@@ -122,9 +124,10 @@ class ColorCodewordEnv:
         self.targets: list[str] = []
 
     def reset(self) -> list[dict[str, Any]]:
-        """The opening messages: the system prompt and the first image with its question."""
+        """The opening messages: the system prompt (unless disabled) and the first image with its question."""
         self._answers, self.targets = [], []
-        return [{"role": "system", "content": SYSTEM_PROMPT}, self._turn_message()]
+        opening = [{"role": "system", "content": SYSTEM_PROMPT}] if self.config.system_prompt else []
+        return opening + [self._turn_message()]
 
     def step(self, completion_text: str) -> tuple[list[dict[str, Any]], float, bool]:
         """Score the answer to the current turn; return the next user turn, reward so far, done."""
