@@ -42,6 +42,8 @@ ROWS: dict[str, list[tuple[str, str, str | None, str | None, str]]] = {
                 ("per-slot processing (s) vs materialize", "naive_per_slot_s", "materialize_s",
                  "naive_over_materialize", ""),
                 ("packing occupancy, long-tailed lengths (%)", "packing_occupancy_pct", None, None, ">= 95 %")],
+    "e2e": [("mmref rl step (s) vs a bare in-memory loop, same model/task/batch", "mmref_rl_step_s", "bare_step_s",
+             "rl_over_bare", "<= 3x")],
     "transport": [("ZMQ loopback throughput (MB/s)", "throughput_mb_s", None, None, ""),
                   ("micro-batches/s", "micro_batches_per_s", None, None, ""),
                   ("bytes per step, refs vs pixel_values", "ref_bytes_per_step", "pixel_values_bytes_per_step",

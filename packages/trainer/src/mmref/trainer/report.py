@@ -85,7 +85,7 @@ def write_viewer(run_dir: Path, records: list[RolloutRecord], store_dir: str = "
     sections = []
     for step in sorted(by_step):
         rows = "".join(_rollout_html(r, store_dir) for r in by_step[step])
-        sections.append(f"<section><h2>step {step}</h2>{rows}</section>")
+        sections.append(f"<section id='step-{step}'><h2>step {step}</h2>{rows}</section>")
     page = (
         "<!doctype html><meta charset='utf-8'><title>mmref rollouts</title>"
         "<style>body{font:14px sans-serif;margin:2em}section{margin-bottom:2em}"

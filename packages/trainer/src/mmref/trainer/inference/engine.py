@@ -41,12 +41,14 @@ class Engine(Protocol):
 
 
 @dataclass
-class _Job:
+class Job:
+    """One request for ``generate_batch``: a prompt with its image features (``future`` is the queue's)."""
+
     prompt_ids: list[int]
     features: Sequence[ImageFeatures]
     mm_token_type_ids: list[int]
     sampling: SamplingParams
-    future: asyncio.Future
+    future: asyncio.Future | None = None
 
 
 class TransformersEngine:
@@ -69,7 +71,7 @@ class TransformersEngine:
             raise ValueError(f"max_model_len {max_model_len} must be in [1, {limit}] (the model's max_position_embeddings)")
         self.max_model_len = max_model_len or limit
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = threading.Lock()
@@ -81,7 +83,7 @@ class TransformersEngine:
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(prompt_ids, features, mm_token_type_ids, sampling, future))
+        await self._queue.put(Job(prompt_ids, features, mm_token_type_ids, sampling, future))
         return await future
 
     async def _serve(self) -> None:
@@ -98,7 +100,7 @@ class TransformersEngine:
                 else:
                     job.future.set_result(result)
 
-    def _run_jobs(self, jobs: list[_Job]) -> list[list[Choice] | BaseException]:
+    def _run_jobs(self, jobs: list[Job]) -> list[list[Choice] | BaseException]:
         """Run drained jobs, batching those with equal sampling params and no seed into one ``generate``."""
         results: dict[int, list[Choice] | BaseException] = {}
         for batch in _batches(jobs):
@@ -114,7 +116,7 @@ class TransformersEngine:
         return [results[id(job)] for job in jobs]
 
     @torch.no_grad()
-    def generate_batch(self, jobs: Sequence[_Job]) -> list[list[Choice]]:
+    def generate_batch(self, jobs: Sequence[Job]) -> list[list[Choice]]:
         """Sample ``n`` completions for each job's prompt in one left-padded batch (blocking).
 
         The jobs share sampling params; rows come back job by job, ``n`` each.
@@ -164,9 +166,9 @@ def _choice(ids: list[int], logprobs: list[float], stops: Sequence[int]) -> Choi
     return Choice(token_ids=ids, logprobs=logprobs, finish_reason="length")
 
 
-def _batches(jobs: Sequence[_Job]) -> list[list[_Job]]:
+def _batches(jobs: Sequence[Job]) -> list[list[Job]]:
     """Jobs grouped by identical sampling params; a seeded job runs alone (its seed must mean one prompt)."""
-    groups: dict[str, list[_Job]] = {}
+    groups: dict[str, list[Job]] = {}
     alone = []
     for job in jobs:
         if job.sampling.seed is not None:
