@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,6 +51,18 @@ def _intercept(args: argparse.Namespace) -> int:
 
 def _rl(args: argparse.Namespace) -> int:
     from mmref.trainer.rl import run_rl
+
+    return _run_with_config(args, "rl", run_rl)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from mmref.trainer.sft import run_sft
+
+    return _run_with_config(args, "sft", run_sft)
+
+
+def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
+    """Load the TOML config with the command line's overrides and run ``run(config)``; exit 2 on a bad config."""
     from mmref.trainer.run_config import ConfigError, load_run_config
 
     overrides = list(args.set or [])
@@ -62,9 +75,9 @@ def _rl(args: argparse.Namespace) -> int:
     try:
         config = load_run_config(args.config, overrides)
     except ConfigError as exc:
-        print(f"mmref rl: {exc}", file=sys.stderr)
+        print(f"mmref {command}: {exc}", file=sys.stderr)
         return 2
-    run_rl(config)
+    run(config)
     return 0
 
 
@@ -108,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     intercept.add_argument("--min-pixels", type=int)
     intercept.add_argument("--max-pixels", type=int)
     intercept.set_defaults(func=_intercept)
-    rl = sub.add_parser("rl", help="run RL end to end (inference server, rollouts, training) from a TOML config")
-    rl.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")
-    rl.add_argument("--max-steps", type=int)
-    rl.add_argument("--output-dir")
-    rl.add_argument("--ablate-images", action="store_true", help="replace every image by a blank one (control run)")
-    rl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config value, e.g. train.lr=1e-3")
-    rl.set_defaults(func=_rl)
+    for name, func, text in (
+            ("rl", _rl, "run RL end to end (inference server, rollouts, training) from a TOML config"),
+            ("sft", _sft, "supervised warm start in processed mode (demonstrations from the environment)")):
+        run = sub.add_parser(name, help=text)
+        run.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")
+        run.add_argument("--max-steps", type=int)
+        run.add_argument("--output-dir")
+        run.add_argument("--ablate-images", action="store_true", help="replace every image by a blank one (control run)")
+        run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override any config value, e.g. train.lr=1e-3")
+        run.set_defaults(func=func)
     train = sub.add_parser("train", help="run the trainer ranks under torchrun (micro-batches from a packer over ZMQ)")
     train.add_argument("config", help="job JSON (mmref.trainer.train.DistributedJob)")
     train.add_argument("--nproc-per-node", type=int, default=1)

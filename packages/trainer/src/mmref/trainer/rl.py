@@ -31,7 +31,7 @@ from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
 from mmref.renderers.tokenizer import tiny_tokenizer
-from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
@@ -89,6 +89,8 @@ def build_policy(config: RunConfig, words: tuple[str, ...]):
                     vision_depth=config.model.vision_depth)
     model = build_tiny_model(config.model.family, seed=config.model.seed, vocab_size=len(tokenizer), size=size,
                              token_ids=ids)
+    if config.model.path:  # a warm start (e.g. from `mmref sft`) of this same architecture
+        load_weights_into(model, config.model.path)
     spec = layout_spec(config.model.family, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
     return tokenizer, model, spec
 

@@ -1,0 +1,89 @@
+"""``mmref sft``: a supervised warm start in processed mode, loadable by ``mmref rl`` (``model.path``).
+
+Demonstrations come from the environment itself: each episode is played with the right
+answer every turn. Conversations are rendered with their pixels (``render_processed``: the
+real image processor, in this process) and the model is trained with cross-entropy on the
+assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``.
+
+    uv run mmref sft examples/color-codeword.toml --max-steps 30 --output-dir runs/sft
+    uv run mmref rl examples/color-codeword.toml --set model.path=runs/sft/checkpoints/sft
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from mmref.client.envs.color_codeword import ColorCodewordConfig, ColorCodewordEnv
+from mmref.client.images import prepare_images
+from mmref.renderers import ImageStore
+from mmref.renderers.processed import render_processed
+from mmref.renderers.render import create_renderer
+from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.models import build_image_processor
+from mmref.trainer.rl import build_policy
+from mmref.trainer.run_config import RunConfig
+
+
+def demonstration(env: ColorCodewordEnv) -> list[dict[str, Any]]:
+    """One episode answered right at every turn, as chat messages."""
+    messages = env.reset()
+    done = False
+    while not done:
+        answer = env.targets[-1]
+        new, _, done = env.step(answer)
+        messages = messages + [{"role": "assistant", "content": answer}] + new
+    return messages
+
+
+def assistant_mask(tokens: Any, messages: list[dict[str, Any]], end_token_id: int) -> torch.Tensor:
+    """(L,) True on each assistant turn's content and its closing token: what SFT learns to produce."""
+    mask = [index >= 0 and messages[index]["role"] == "assistant" and (content or token == end_token_id)
+            for index, content, token in zip(tokens.message_index, tokens.is_content, tokens.token_ids)]
+    return torch.tensor(mask)
+
+
+def run_sft(config: RunConfig, console: Console | None = None) -> Path:
+    """Train ``config.max_steps`` steps of ``config.rollout.prompts_per_step`` demonstrations; return the checkpoint."""
+    console = console or Console()
+    run_dir = Path(config.output_dir)
+    env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns, min_side=config.env.min_side,
+                                     max_side=config.env.max_side, system_prompt=config.env.system_prompt)
+    torch.manual_seed(config.seed)
+    tokenizer, model, spec = build_policy(config, env_config.words)
+    renderer = create_renderer(tokenizer, config.model.family, spec=spec)
+    store, processor = ImageStore(run_dir / "store"), build_image_processor(spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+    end_id = renderer.stop_token_ids[0]
+    model.train()
+    metrics = run_dir / "sft_metrics.jsonl"
+    metrics.write_text("")
+    for step in range(config.max_steps):
+        start, losses = time.perf_counter(), []
+        for episode in range(config.rollout.prompts_per_step):
+            messages, _ = prepare_images(demonstration(ColorCodewordEnv(env_config, seed=step * 10_000 + episode)),
+                                         store, spec)
+            processed = render_processed(renderer, messages, store, add_generation_prompt=False,
+                                         image_processor=processor)
+            ids = torch.tensor([processed.tokens.token_ids])
+            logits = model(input_ids=ids, pixel_values=processed.pixel_values, image_grid_thw=processed.image_grid_thw,
+                           mm_token_type_ids=torch.tensor([processed.tokens.mm_token_type_ids]), use_cache=False).logits
+            targets = assistant_mask(processed.tokens, messages, end_id)[1:]
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1][targets], ids[0, 1:][targets])
+            (loss / config.rollout.prompts_per_step).backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step, "loss": sum(losses) / len(losses), "step_s": time.perf_counter() - start}
+        with metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        console.print(f"sft step {step + 1}/{config.max_steps} loss {record['loss']:.3f}")
+    path = save_checkpoint(model, run_dir / "checkpoints" / "sft", config.model.family, weight_version=0)
+    console.print(f"sft checkpoint: {path}  (warm-start rl with --set model.path={path})")
+    return path
