@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
+import subprocess
+import sys
+import time
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from mmref.renderers import ImageStore
 from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta
-from mmref.trainer.launch import LaunchConfig, LaunchResult, launch
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.models import build_tiny_model
 from mmref.trainer.pack import MicroBatch, pack
@@ -25,6 +27,11 @@ from trainer_cases import IMAGE_TOKENS, make_sample, processor, small_spec
 
 FAMILY = "qwen2-vl"
 MAX_PIXELS = 128 * 128
+
+
+class Finished(NamedTuple):
+    returncode: int
+    output: str
 
 
 def _free_port() -> int:
@@ -44,7 +51,8 @@ def _pad(micro_batches: list[MicroBatch]):
     return lambda rank: zero_loss_pad(micro_batches[0]).to_wire()
 
 
-def _run_job(tmp_path, store: ImageStore, per_rank: list[list[dict]], **job_fields) -> tuple[LaunchResult, ZmqSender]:
+def _run_job(tmp_path, store: ImageStore, per_rank: list[list[dict]], **job_fields) -> tuple[Finished, ZmqSender, float]:
+    """``mmref train`` with 2 ranks, sent step 0; returns how it ended, the sender and the seconds from send to exit."""
     addresses = TransportAddresses.loopback(_free_port(), _free_port())
     job = DistributedJob(family=FAMILY, store_root=str(store.root), pub_address=addresses.pub,
                          ready_address=addresses.ready, steps=1, max_pixels=MAX_PIXELS, report_dir=str(tmp_path),
@@ -52,17 +60,20 @@ def _run_job(tmp_path, store: ImageStore, per_rank: list[list[dict]], **job_fiel
     path = tmp_path / "job.json"
     path.write_text(job.model_dump_json())
     sender = ZmqSender(addresses, world_size=2, limits=TransportLimits(ready_timeout_s=90))
-    results: list[LaunchResult] = []
-    thread = threading.Thread(target=lambda: results.append(launch(
-        ["-m", "mmref.trainer.train", str(path)], LaunchConfig(nproc_per_node=2, master_port=_free_port(), timeout_s=150))))
-    thread.start()
+    proc = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "train", str(path), "--nproc-per-node", "2",
+                             "--master-port", str(_free_port()), "--timeout", "150"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         sender.wait_ready()
         sender.send_step(0, per_rank)
-        thread.join(timeout=170)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=170)
+        after_send = time.monotonic() - sent
     finally:
         sender.close()
-    return results[0], sender
+        if proc.poll() is None:
+            proc.kill()
+    return Finished(proc.returncode, output), sender, after_send
 
 
 @pytest.mark.timeout(240)
@@ -70,7 +81,8 @@ def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_
     store = ImageStore(tmp_path / "store")
     micro_batches = _micro_batches(store)
     per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
-    result, sender = _run_job(tmp_path, store, per_rank, checkpoint_dir=str(tmp_path / "weights"))
+    result, sender, _ = _run_job(tmp_path, store, per_rank, checkpoint_dir=str(tmp_path / "weights"),
+                              metrics_path=str(tmp_path / "trainer.jsonl"))
     assert result.returncode == 0, result.output
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in range(2):
@@ -89,7 +101,13 @@ def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor(FAMILY), config=TrainConfig(),
                             image_token_ids=IMAGE_TOKENS, materializer=Materializer(store, spec, processor(FAMILY)))
     every = [MicroBatch.from_wire(mb) for batches in per_rank for mb in batches]
-    trainer.step(every)
+    single = trainer.step(every)
+    # Rank 0's metrics line combines both ranks' shares into the single-process figures.
+    [combined] = [json.loads(line) for line in (tmp_path / "trainer.jsonl").read_text().splitlines()]
+    assert (combined["step"], combined["weight_version"], combined["ranks"]) == (0, 1, 2)
+    assert combined["loss_tokens"] == single.loss_tokens
+    for key in ("loss", "entropy", "clip_fraction", "grad_norm"):
+        assert combined[key] == pytest.approx(getattr(single, key), rel=1e-4, abs=1e-6), key
     grads = reports[0][0]["grads"]
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, param in model.named_parameters():
@@ -111,8 +129,8 @@ def test_missing_image_on_rank_1_fails_both_ranks_naming_rank_1_and_the_asset(tm
     lost = micro_batches[1].rows[0].images[0].ref  # dealt to rank 1
     (tmp_path / "store" / lost.asset).unlink()
     per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
-    result, _ = _run_job(tmp_path, store, per_rank)
+    result, _, after_send = _run_job(tmp_path, store, per_rank)
     assert result.returncode != 0
     assert "materialize failed on rank 1: MissingImageError" in result.output, result.output
     assert lost.asset in result.output
-    assert result.elapsed_s < 60  # start-up (~10 s of imports on 2 shared cores) + fail-fast, never a timeout
+    assert after_send < 30  # from the step's arrival to every rank gone: fail-fast, never a timeout

@@ -1,38 +1,83 @@
-"""``mmref rl`` end to end for a few steps: the run directory a user gets, and no pixels on any hop."""
+"""``mmref rl`` end to end for a few steps: the run directory a user gets, trainer ranks under
+torchrun fed refs over ZMQ, no pixels on any hop, and a dead rank ending the run with its cause."""
 
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
 from mmref.trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "examples" / "color-codeword.toml")
+SMALL = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2"]
 
 
 @pytest.mark.timeout(600)
-def test_short_rl_run_writes_metrics_plot_viewer_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2, 0], ids=["1-rank", "2-ranks", "in-process"])
+def test_short_rl_run_writes_metrics_plot_viewer_and_checkpoints(tmp_path, nproc):
     out = tmp_path / "run"
-    code = main(["rl", str(ROOT / "examples" / "color-codeword.toml"), "--max-steps", "2", "--output-dir", str(out),
-                 "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2"])
+    code = main(["rl", CONFIG, "--max-steps", "2", "--output-dir", str(out), "--set", f"train.nproc={nproc}", *SMALL])
     assert code == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
     assert all(m["rollouts"] == 4 and 0.0 <= m["reward_mean"] <= 1.0 for m in metrics)
+    assert all(m["ranks"] == max(1, nproc) and m["loss_tokens"] > 0 for m in metrics)
     # max_async = 1: step 1's rollouts were sampled while step 0 trained, with step 0's weights.
     assert [m["off_policy_lag"] for m in metrics] == [0, 1]
-    # Byte counters of each hop: requests carry refs (a few KB), never pixel tensors.
-    assert all(m["pixel_bytes_sent"] == 0 and 0 < m["request_bytes"] < 2_000_000 for m in metrics)
+    # Byte counters of each hop: HTTP requests and ZMQ micro-batches carry refs and token ids,
+    # a small fraction of what the same step's images weigh as pixel_values.
+    for m in metrics:
+        assert 0 < m["request_bytes"] and (m["transport_bytes"] > 0) == (nproc > 0)
+        assert m["request_bytes"] + m["transport_bytes"] < m["pixel_values_bytes"] / 10
     assert Image.open(out / "reward.png").format == "PNG"
-    assert (out / "checkpoints" / "latest" / "model.safetensors").exists()
+    latest = json.loads((out / "checkpoints" / "latest" / "mmref.json").read_text())
+    assert latest["weight_version"] == 2
     assert json.loads((out / "config.json").read_text())["max_steps"] == 2
     page = (out / "viewer.html").read_text()
     sources = re.findall(r"src='([^']+)'", page)
     assert sources and all((out / s).resolve().is_relative_to(out.resolve()) and (out / s).exists() for s in sources)
 
 
+def _trainer_ranks(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "mmref.trainer.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+
+
+@pytest.mark.timeout(240)
+def test_rank_killed_mid_run_ends_it_fast_with_its_cause_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "rl", CONFIG, "--max-steps", "500",
+                             "--output-dir", str(out), "--set", "train.nproc=2", *SMALL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not ((out / "trainer.jsonl").exists() and (out / "trainer.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        ranks = {int(p.environ()["RANK"]): p for p in _trainer_ranks(proc.pid)}
+        assert sorted(ranks) == [0, 1]
+        started = psutil.Process(proc.pid).children(recursive=True)  # torchrun's agent and both ranks
+        killed = time.monotonic()
+        ranks[1].kill()
+        output, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, output
+    assert "TrainerJobError" in output and "trainer ranks exited" in output
+    assert elapsed < 30
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive
+
+
 def test_invalid_config_value_is_named_and_exits_2(tmp_path, capsys):
-    assert main(["rl", str(ROOT / "examples" / "color-codeword.toml"), "--set", "rollout.group_size=1"]) == 2
+    assert main(["rl", CONFIG, "--set", "rollout.group_size=1"]) == 2
     assert "rollout.group_size" in capsys.readouterr().err

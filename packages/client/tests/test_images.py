@@ -48,7 +48,7 @@ def test_idempotent_and_dedup_counted(store):
 
 
 def test_tuples_and_nested_structures_are_walked(store):
-    out, stats = prepare_images(({"x": [{"type": "image_url", "image_url": png_url()}]},), store, SPEC)
+    out, stats = prepare_images(({"x": [{"type": "image_url", "image_url": {"url": png_url()}}]},), store, SPEC)
     assert isinstance(out, tuple) and stats.images == 1 and out[0]["x"][0]["image_url"]["url"].startswith("mmref:v1:")
 
 
@@ -58,6 +58,9 @@ def test_tuples_and_nested_structures_are_walked(store):
     ("file:///etc/passwd", "never fetched"),
     ("/home/user/a.png", "local path"),
     ("data:image/png;base64,%%%%", "not strict base64"),
+    ("data:image/png;base64,AAAAAAA", "not strict base64"),      # missing padding
+    ("data:image/png;base64,AAAA\nAAAA", "not strict base64"),    # embedded newline
+    ("data:image/pngAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "data:image"),  # no comma: the head must not leak payload
     ("data:image/tiff;base64,AAAA", "unsupported media type"),
     ("data:text/html;base64,AAAA", "data:image"),
 ])
@@ -70,6 +73,8 @@ def test_refused_sources_name_the_problem_without_the_payload(store, url, needle
 @pytest.mark.parametrize("part,needle", [
     ({"type": "image_url"}, "needs an object"),
     ({"type": "image_url", "image_url": 5}, "needs an object"),
+    ({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}, "needs an object"),  # no string shorthand
+    ({"type": "image_url", "image_url": {"detail": "high"}}, "needs an object"),
     ({"type": "image", "image": 42}, "must be a data URL, a PIL image or an mmref ref"),
 ])
 def test_malformed_parts_are_refused(store, part, needle):

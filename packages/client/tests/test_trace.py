@@ -1,5 +1,7 @@
 """Traces: invariants on build and load, segments across bridged and re-rendered turns."""
 
+import json
+
 import pytest
 
 from mmref.client.errors import TraceError
@@ -84,3 +86,26 @@ def test_round_trips_and_load_validation(ref):
     tampered = trace.to_json().replace('"image_pad_id":151655', '"image_pad_id":151656')
     with pytest.raises(TraceError, match="not wholly on image-pad tokens"):
         Trace.from_json(tampered)
+
+
+def test_overlapping_or_unsorted_slots_are_trace_errors(ref):
+    fields = two_turns(ref)
+    second = fields["nodes"][1]
+    slot1, slot2 = second.images
+    for images in ([slot2, slot1], [slot1, slot1]):
+        bad = second.model_copy(update={"images": images})
+        with pytest.raises(TraceError, match="not sorted after, or overlaps, the previous slot"):
+            Trace.build(**{**fields, "nodes": [fields["nodes"][0], bad]})
+
+
+def test_loading_a_trace_with_a_pixel_payload_is_refused(ref):
+    import msgpack
+
+    trace = Trace.build(**two_turns(ref))
+    data = trace.model_dump(mode="json")
+    data["messages"][0]["content"][0]["image_url"]["image_embeds"] = [[0.5]]
+    with pytest.raises(TraceError, match="image_embeds"):
+        Trace.from_msgpack(msgpack.packb(data))
+    metrics = {**trace.model_dump(mode="json"), "metrics": {"image_embeds": 1.0}}
+    with pytest.raises(TraceError, match="image_embeds"):
+        Trace.from_json(json.dumps(metrics))

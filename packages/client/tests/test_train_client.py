@@ -2,12 +2,13 @@
 
 import asyncio
 import json
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
-from mmref.client.errors import InferenceRequestError, InferenceUnavailableError
+from mmref.client.errors import InferenceRequestError, InferenceServerError, InferenceUnavailableError
 from mmref.client.train_client import Sampling, TrainClient
 
 
@@ -17,15 +18,19 @@ class Rendered:
     images: list = field(default_factory=list)
 
 
-def server(responses, seen):
+def server(responses, seen, models_calls=None):
     """A stand-in inference server answering generate calls from ``responses`` in order."""
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
+            if models_calls is not None:
+                models_calls.append(1)
             return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 64}]})
         seen.append(json.loads(request.content))
         status, body = responses.pop(0)
         if status == "drop":
             raise httpx.ConnectError("connection refused")
+        if status == "slow":
+            raise httpx.ReadTimeout("read timed out")
         return httpx.Response(status, json=body)
     return httpx.MockTransport(handle)
 
@@ -72,3 +77,35 @@ def test_prompt_too_long_fails_before_any_generate_call():
     with pytest.raises(InferenceRequestError, match="exceeds the server's max_model_len 64"):
         run({}, [OK], rendered=Rendered(token_ids=list(range(62))), sampling=Sampling(max_tokens=4))
     assert seen == []
+
+
+def test_read_timeouts_are_retried_like_connection_errors():
+    result, client, _ = run({"max_retries": 2}, [("slow", None), OK])
+    assert result.completions[0].token_ids == [5, 6] and client.retries == 1
+
+
+def test_a_500_is_an_upstream_failure_not_retried_and_not_the_callers_fault():
+    with pytest.raises(InferenceServerError, match="HTTP 500.*engine exploded") as info:
+        run({"max_retries": 5}, [(500, {"error": {"message": "engine exploded"}}), OK])
+    assert info.value.status == 500 and not isinstance(info.value, InferenceRequestError)
+
+
+def test_image_slots_go_on_the_wire_as_ref_offset_length():
+    from mmref.renderers import ImageSlot, layout_spec, make_ref
+
+    stored = SimpleNamespace(sha256="ab" * 32, asset="ab" * 8 + ".png", media_type="image/png", width=56, height=56)
+    ref = make_ref(layout_spec("qwen2-vl"), stored)
+    slot = ImageSlot(ref=ref, offset=1, length=ref.num_tokens)
+    _, _, seen = run({}, [OK], rendered=Rendered(token_ids=[0] * (ref.num_tokens + 2), images=[slot]))
+    assert seen[0]["images"] == [{"ref": ref.encode(), "offset": 1, "length": ref.num_tokens}]
+
+
+def test_max_model_len_is_fetched_once_and_cached():
+    calls, seen = [], []
+
+    async def go():
+        async with TrainClient("http://inference", transport=server([OK, OK], seen, calls), backoff_s=0.001) as client:
+            await client.generate(Rendered(), Sampling(max_tokens=4))
+            await client.generate(Rendered(), Sampling(max_tokens=4))
+    asyncio.run(go())
+    assert len(seen) == 2 and len(calls) == 1

@@ -59,3 +59,15 @@ def test_zero_loss_pad_keeps_tokens_and_images_but_drops_every_loss_token():
     pad = zero_loss_pad(MicroBatch(3, [row]))
     assert pad.step == 3 and pad.rows[0].token_ids == [1, 2, 3]
     assert pad.num_loss_tokens == 0 and pad.rows[0].advantages == [0.0, 0.0, 0.0]
+
+
+def test_job_that_would_sync_weights_without_a_checkpoint_dir_is_refused():
+    from pydantic import ValidationError
+
+    from mmref.trainer.train import DistributedJob
+
+    fields = dict(family="qwen2-vl", store_root="store", pub_address="tcp://127.0.0.1:1", ready_address="tcp://127.0.0.1:2",
+                  steps=1)
+    with pytest.raises(ValidationError, match="inference_url is set but checkpoint_dir is not"):
+        DistributedJob(**fields, inference_url="http://127.0.0.1:8000")
+    assert DistributedJob(**fields, inference_url="http://127.0.0.1:8000", checkpoint_dir="ckpt").checkpoint_dir == "ckpt"

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmref.renderers import ImageStore
 from mmref.trainer.errors import PackingError
-from mmref.trainer.pack import MicroBatch, PackedRow, occupancy, pack, row_position_ids, truncate
+from mmref.trainer.pack import MicroBatch, PackedRow, occupancy, pack, row_position_ids, split_by_tokens, truncate
 from trainer_cases import PAD, make_sample, tiny
 
 
@@ -65,3 +67,19 @@ def test_text_position_row_restarts_per_sample(store):
     first = row.sample_lengths[0]
     assert positions[0, 0, first].item() == 0 and positions[0, 0, first - 1].item() == first - 1
     assert torch.equal(positions[0, 0, :first], torch.arange(first))
+
+
+def _row(length: int) -> PackedRow:
+    return PackedRow("qwen2-vl", [1] * length, [True] * length, [0.0] * length, [0.0] * length, [], [length], PAD)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 2048), max_size=40), parts=st.integers(1, 8))
+def test_split_by_tokens_deals_every_row_once_with_loads_within_one_row(lengths, parts):
+    rows = [_row(n) for n in lengths]
+    groups = split_by_tokens(rows, parts)
+    assert len(groups) == parts
+    assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rows)
+    loads = [sum(len(r) for r in g) for g in groups]
+    if rows:  # greedy to the lightest group: no group exceeds another by more than the longest row
+        assert max(loads) - min(loads) <= max(lengths)

@@ -77,6 +77,24 @@ def test_ready_timeout_names_the_missing_ranks(addresses):
 
 
 @pytest.mark.timeout(30)
+def test_ready_wait_in_slices_keeps_the_ranks_that_already_connected(addresses):
+    sender = ZmqSender(addresses, world_size=2, limits=FAST)
+    first = ZmqReceiver(addresses, rank=0, limits=FAST)
+    receivers = [first]
+    try:
+        with pytest.raises(ReadyTimeoutError, match=r"ranks \[1\]"):
+            sender.wait_ready(timeout_s=0.5)
+        receivers.append(ZmqReceiver(addresses, rank=1, limits=FAST))
+        sender.wait_ready(timeout_s=2.0)  # rank 0's READY from the first slice still counts
+        sender.send_step(0, [[_mb("a")], [_mb("b")]])
+        assert [rx.recv_step(0) for rx in receivers] == [[_mb("a")], [_mb("b")]]
+    finally:
+        for rx in receivers:
+            rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(30)
 def test_receiver_raises_on_step_mismatch(addresses):
     sender = ZmqSender(addresses, world_size=1, limits=FAST)
     rx = ZmqReceiver(addresses, rank=0, limits=FAST)
@@ -101,6 +119,37 @@ def test_receiver_reports_a_dropped_step_as_a_gap(addresses):
         sender.send_step(2, [[_mb("c")]])  # step 1 never sent: a dropped message
         with pytest.raises(StepMismatchError, match=r"gap: steps 1\.\.1 never arrived"):
             rx.recv_step(1)
+    finally:
+        rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(30)
+def test_first_step_lost_is_reported_as_a_gap(addresses):
+    sender = ZmqSender(addresses, world_size=1, limits=FAST)
+    rx = ZmqReceiver(addresses, rank=0, limits=FAST)
+    try:
+        sender.wait_ready()
+        sender.send_step(1, [[_mb("b")]])
+        with pytest.raises(StepMismatchError, match=r"gap: steps 0\.\.0 never arrived"):
+            rx.recv_step(0)
+    finally:
+        rx.close()
+        sender.close()
+
+
+@pytest.mark.timeout(60)
+def test_full_queue_of_a_rank_that_stopped_reading_is_an_error_not_a_silent_drop(addresses):
+    tight = TransportLimits(ready_timeout_s=1.0, recv_timeout_s=0.5, send_timeout_s=0.3, high_water_mark=2)
+    sender = ZmqSender(addresses, world_size=1, limits=tight)
+    rx = ZmqReceiver(addresses, rank=0, limits=tight)  # connected, never reads
+    try:
+        sender.wait_ready()
+        big = [{"rows": [{"tag": "x" * (1 << 20)}]}]
+        with pytest.raises(TransportError, match=r"rank 0's queue stayed full for 0.3s \(high-water mark 2\)"):
+            for step in range(200):  # the socket buffers absorb a few MB first
+                sender.send_step(step, [big])
+        assert 2 <= step < 200
     finally:
         rx.close()
         sender.close()

@@ -40,3 +40,7 @@ class InferenceRequestError(InferenceError, ValueError):
 
 class InferenceUnavailableError(InferenceError, ConnectionError):
     """The server was unreachable or failing (connect errors, 5xx) after the bounded retries."""
+
+
+class InferenceServerError(InferenceError):
+    """The server failed on this request (HTTP 5xx other than 502/503/504); an upstream fault, not the caller's."""

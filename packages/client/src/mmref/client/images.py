@@ -61,8 +61,6 @@ def _walk(node: Any, store: ImageStore, spec: LayoutSpec, stats: PrepareStats, p
 
 def _image_url_part(part: dict, store: ImageStore, spec: LayoutSpec, stats: PrepareStats, path: str) -> dict:
     image_url = part.get("image_url")
-    if isinstance(image_url, str):  # a shorthand some SDKs send
-        image_url = {"url": image_url}
     if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
         raise ImageInputError(f"{path}: image_url part needs an object {{'url': ...}}, got "
                               f"{type(image_url).__name__ if image_url is not None else 'nothing'}")

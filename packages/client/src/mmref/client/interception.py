@@ -3,25 +3,35 @@
     POST /v1/chat/completions            (session from the API key: "Bearer <session>")
     POST /sessions/{session}/v1/chat/completions
     GET  /v1/models
+    GET  /sessions/{session}/trace         (the session's validated trace, JSON)
 
 Per session: images are prepared into store refs, the conversation is rendered (bridged
 from the previous turn when it extends it), the inference server samples, and each call
-is recorded as a trace node. A bad request is a 400 with an OpenAI-shaped error body (SDKs
-do not retry it); an unreachable or failing inference server is a 502/503.
+is recorded as a trace node (also written to ``trace_dir/<session>.json`` after each call
+when a directory is given). A bad request is a 400 with an OpenAI-shaped error body (SDKs
+do not retry it); a failing inference server is a 502, an unreachable one a 503.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmref.client.errors import ImageInputError, InferenceRequestError, InferenceUnavailableError, TraceError
+from mmref.client.errors import (
+    ImageInputError,
+    InferenceRequestError,
+    InferenceServerError,
+    InferenceUnavailableError,
+    TraceError,
+)
 from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
 from mmref.client.train_client import Sampling, TrainClient
@@ -72,9 +82,12 @@ def openai_error(status: int, message: str, kind: str, param: str | None = None)
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
-def create_interception_app(renderer: Any, client: TrainClient, store: ImageStore, model_name: str = "mmref") -> FastAPI:
+def create_interception_app(renderer: Any, client: TrainClient, store: ImageStore, model_name: str = "mmref",
+                            trace_dir: str | Path | None = None) -> FastAPI:
     """The interception app; ``app.state.sessions`` holds each session's trace so far."""
     app = FastAPI(title="mmref interception")
+    if trace_dir is not None:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
     sessions: dict[str, Session] = {}
     app.state.sessions = sessions
 
@@ -95,6 +108,13 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
     async def chat_in_session(session_id: str, request: Request) -> JSONResponse:
         return await _complete(request, session_id)
 
+    @app.get("/sessions/{session_id}/trace")
+    async def trace(session_id: str) -> JSONResponse:
+        if session_id not in sessions:
+            return openai_error(404, f"no session {session_id!r}; sessions: {sorted(sessions)[:20]}",
+                                "invalid_request_error")
+        return JSONResponse(sessions[session_id].trace(renderer).model_dump(mode="json"))
+
     async def _complete(request: Request, session_id: str) -> JSONResponse:
         try:
             body = await request.json()
@@ -112,6 +132,8 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
             result = await client.generate(rendered, sampling)
         except InferenceUnavailableError as exc:  # before MMRefError: these are client errors too
             return openai_error(503, str(exc), "server_error")
+        except InferenceServerError as exc:
+            return openai_error(502, str(exc), "server_error")
         except InferenceRequestError as exc:
             return openai_error(400, f"inference server refused the request: {exc}", "invalid_request_error")
         except (ImageInputError, MMRefError, TraceError, ValueError, TypeError) as exc:
@@ -124,9 +146,19 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
         parsed = renderer.parse_response(completion.token_ids)
         session.messages = messages + [{"role": "assistant", "content": parsed.content}]
         session.last = (rendered, completion.token_ids, messages)
+        if trace_dir is not None:
+            _write_trace(Path(trace_dir), session.trace(renderer))
         return JSONResponse(_chat_response(model_name, parsed, completion, rendered))
 
     return app
+
+
+def _write_trace(directory: Path, trace: Trace) -> None:
+    """``<session>.json``, replaced atomically; session ids that are not safe file names are hex-encoded."""
+    name = trace.rollout_id if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", trace.rollout_id) else trace.rollout_id.encode().hex()
+    tmp = directory / f".{name}.json.tmp"
+    tmp.write_text(trace.to_json())
+    tmp.replace(directory / f"{name}.json")
 
 
 def _render(renderer: Any, session: Session, messages: list[dict[str, Any]], tools: Any) -> Any:

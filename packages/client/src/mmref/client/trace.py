@@ -77,7 +77,7 @@ class Trace(BaseModel):
     @model_validator(mode="after")
     def _invariants(self) -> Trace:
         try:
-            reject_pixel_payload(self.messages, "trace messages")
+            reject_pixel_payload({"messages": self.messages, "metrics": self.metrics}, "trace")
         except RefError as exc:
             raise ValueError(str(exc)) from None
         image_urls = _image_refs_in_order(self.messages)
@@ -176,9 +176,11 @@ def _check_slots(node: TraceNode, index: int, pad: int) -> None:
     previous_end = 0
     for slot in node.images:
         span = node.prompt_ids[slot.offset:slot.end]
-        if slot.offset < previous_end or slot.end > len(node.prompt_ids) or any(t != pad for t in span):
-            raise ValueError(f"node {index}: image slot [{slot.offset}, {slot.end}) ({slot.ref.describe()}) is not "
-                             f"wholly on image-pad tokens (id {pad}), or overlaps the previous slot")
+        where = f"node {index}: image slot [{slot.offset}, {slot.end}) ({slot.ref.describe()})"
+        if slot.offset < previous_end:
+            raise ValueError(f"{where} is not sorted after, or overlaps, the previous slot ending at {previous_end}")
+        if slot.end > len(node.prompt_ids) or any(t != pad for t in span):
+            raise ValueError(f"{where} is not wholly on image-pad tokens (id {pad})")
         previous_end = slot.end
     pads = sum(1 for t in node.prompt_ids if t == pad)
     if pads != sum(s.length for s in node.images):

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from mmref.client.errors import InferenceRequestError, InferenceUnavailableError
+from mmref.client.errors import InferenceRequestError, InferenceServerError, InferenceUnavailableError
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 
@@ -97,7 +97,7 @@ class TrainClient:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 response = await self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
+            except httpx.TransportError as exc:  # connect/read/write errors and every timeout
                 last = f"{type(exc).__name__}: {exc}"
                 continue
             self.requests += 1
@@ -109,6 +109,9 @@ class TrainClient:
             if response.status_code in RETRYABLE_STATUS:
                 last = f"HTTP {response.status_code}: {message}"
                 continue
+            if response.status_code >= 500:
+                raise InferenceServerError(f"inference server failed on {path} (HTTP {response.status_code}): "
+                                           f"{message}", status=response.status_code)
             raise InferenceRequestError(f"inference server refused {path} (HTTP {response.status_code}): {message}",
                                         status=response.status_code)
         raise InferenceUnavailableError(f"inference server at {self.base_url} unavailable for {path} after "

@@ -74,6 +74,11 @@ class LayoutSpec:
         pairs = ";".join(f"{k}={json.dumps(params[k], separators=(',', ':'))}" for k in sorted(params))
         return hashlib.sha256(f"mmref-layout:v1:{self.family}:{pairs}".encode()).hexdigest()
 
+    def pixel_values_nbytes(self, grid_thw: tuple[int, int, int]) -> int:
+        """Bytes of the float32 ``pixel_values`` a processor makes for an image of this grid (3 channels)."""
+        t, h, w = grid_thw
+        return t * h * w * 3 * self.temporal_patch_size * self.patch_size**2 * 4
+
     def replace(self, **changes: Any) -> LayoutSpec:
         """A copy with some parameters changed, e.g. ``spec.replace(max_pixels=512 * 28 * 28)``."""
         return dataclasses.replace(self, **changes)

@@ -94,8 +94,10 @@ def decode_data_url(url: str, max_bytes: int) -> tuple[bytes, str]:
         raise InvalidImageError(f"image URL must be a string, got {type(url).__name__}")
     match = _DATA_URL.fullmatch(url)
     if match is None:
-        head = url[:24].split(",")[0]
-        raise InvalidImageError(f"expected a 'data:image/<type>;base64,...' URL, got one starting {head!r}")
+        header, comma, _ = url.partition(",")
+        # Echo the header only where a comma ends it early: past that point it may be payload.
+        shown = f"header {header!r}" if comma and len(header) <= 48 else f"{len(url)} chars without a short header"
+        raise InvalidImageError(f"expected a 'data:image/<type>;base64,...' URL, got {shown}")
     media_type, payload = match.group(1).lower(), match.group(2)
     if media_type == "image/jpg":
         media_type = "image/jpeg"

@@ -42,7 +42,7 @@ def _intercept(args: argparse.Namespace) -> int:
 
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     renderer = create_renderer(qwen2_tokenizer(), args.family, spec=layout_spec(args.family, **pixels))
-    app = create_interception_app(renderer, TrainClient(args.inference), ImageStore(args.store))
+    app = create_interception_app(renderer, TrainClient(args.inference), ImageStore(args.store), trace_dir=args.trace_dir)
     print(f"mmref intercept: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 -> {args.inference}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -63,6 +63,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
     """Load the TOML config with the command line's overrides and run ``run(config)``; exit 2 on a bad config."""
+    from mmref.renderers.errors import MMRefError
     from mmref.trainer.run_config import ConfigError, load_run_config
 
     overrides = list(args.set or [])
@@ -77,7 +78,14 @@ def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
     except ConfigError as exc:
         print(f"mmref {command}: {exc}", file=sys.stderr)
         return 2
-    run(config)
+    try:
+        run(config)
+    except MMRefError as exc:  # a typed failure (a rank died, a missing image, ...): its message says what
+        print(f"mmref {command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mmref {command}: interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -118,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     intercept.add_argument("--family", default="qwen2-vl")
     intercept.add_argument("--host", default="127.0.0.1")
     intercept.add_argument("--port", type=int, default=8100)
+    intercept.add_argument("--trace-dir", help="write each session's trace to DIR/<session>.json after every call")
     intercept.add_argument("--min-pixels", type=int)
     intercept.add_argument("--max-pixels", type=int)
     intercept.set_defaults(func=_intercept)

@@ -36,8 +36,7 @@ def screenshot_png(width: int, height: int, seed: int = 0) -> bytes:
 def pixel_values_bytes(family: str, width: int, height: int) -> int:
     """Bytes of float32 pixel_values the family's processor makes for this image size."""
     spec = layout_spec(family)
-    t, h, w = describe_image(spec, width, height).grid_thw
-    return t * h * w * 3 * spec.temporal_patch_size * spec.patch_size**2 * 4
+    return spec.pixel_values_nbytes(describe_image(spec, width, height).grid_thw)
 
 
 def run_demo(store_root: str | Path, console: Console | None = None) -> list[dict]:

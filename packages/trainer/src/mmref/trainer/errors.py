@@ -58,3 +58,7 @@ class ReceiveTimeoutError(TransportError, TimeoutError):
 
 class StepMismatchError(TransportError):
     """A message whose step tag is not the one the rank expected (a gap or a stale step)."""
+
+
+class TrainerJobError(TrainerError, RuntimeError):
+    """The torchrun trainer ranks of a run exited or stopped answering (the message has their log's tail)."""

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,7 @@ def torchrun_command(args: Sequence[str], config: LaunchConfig) -> list[str]:
 def launch(args: Sequence[str], config: LaunchConfig) -> LaunchResult:
     """Run torchrun with ``args`` (script or ``-m module`` plus its arguments) and wait, bounded."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        torchrun_command(args, config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **config.env}, start_new_session=True,
-    )
+    proc = spawn(args, config, subprocess.PIPE)
     timed_out = False
     try:
         output, _ = proc.communicate(timeout=config.timeout_s)
@@ -73,6 +71,12 @@ def launch(args: Sequence[str], config: LaunchConfig) -> LaunchResult:
             end_group(proc, config.grace_s)
     rc = proc.returncode if not timed_out else 124
     return LaunchResult(returncode=rc, output=output, elapsed_s=time.monotonic() - start, timed_out=timed_out)
+
+
+def spawn(args: Sequence[str], config: LaunchConfig, output: IO[str] | int) -> subprocess.Popen:
+    """Start torchrun in its own process group (so ``end_group`` reaches every rank), output to ``output``."""
+    return subprocess.Popen(torchrun_command(args, config), stdout=output, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **config.env}, start_new_session=True)
 
 
 def end_group(proc: subprocess.Popen, grace_s: float) -> None:

@@ -124,6 +124,23 @@ def _concat(members: list[TrainingSample]) -> PackedRow:
     return row
 
 
+def split_by_tokens(rows: Sequence[PackedRow], parts: int) -> list[list[PackedRow]]:
+    """``rows`` in ``parts`` groups of near-equal token count (longest row to the lightest group).
+
+    >>> [len(g) for g in split_by_tokens([], 2)]
+    [0, 0]
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    groups: list[list[PackedRow]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for row in sorted(rows, key=len, reverse=True):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(row)
+        loads[lightest] += len(row)
+    return groups
+
+
 def occupancy(rows: Sequence[PackedRow], max_seq_len: int) -> float:
     """Fraction of row capacity holding tokens."""
     return sum(len(r) for r in rows) / (len(rows) * max_seq_len) if rows else 0.0

@@ -4,9 +4,11 @@
       -> traces -> GRPO samples -> packed micro-batches (refs) -> materialize -> step
       -> checkpoint -> POST /update_weights -> next step
 
-The inference server runs in this process behind uvicorn on a loopback port (real HTTP);
-the policy is trained in process (one rank). The run directory holds the config,
-metrics.jsonl, rollouts.jsonl, checkpoints, the store, the reward curve and the viewer.
+The inference server runs in this process behind uvicorn on a loopback port (real HTTP).
+The policy trains on ``train.nproc`` torchrun ranks fed micro-batches of refs over ZMQ
+(rank 0 writes each step's weights and POSTs ``/update_weights``), or in this process when
+``train.nproc = 0``. The run directory holds the config, metrics.jsonl, rollouts.jsonl,
+checkpoints, the store, trainer.log (the ranks' output), the reward curve and the viewer.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.models import TinySize, build_image_processor, build_tiny_model, image_token_ids_of, processor_spec
-from mmref.trainer.pack import MicroBatch, occupancy, pack
+from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
+from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer
 from mmref.trainer.run_config import RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages
 from mmref.trainer.step import PolicyTrainer
+from mmref.trainer.train import DistributedJob
 
 ROLE_WORDS = ("system", "user", "assistant", "codeword")
 RL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -113,25 +117,41 @@ class Orchestrator:
                                          system_prompt=config.env.system_prompt)
         self.env_config = env_config
         torch.manual_seed(config.seed)
-        self.tokenizer, train_model, self.spec = build_policy(config, env_config.words)
+        self.tokenizer, self.policy, self.spec = build_policy(config, env_config.words)
         _, serve_model, _ = build_policy(config, env_config.words)
-        serve_model.load_state_dict(train_model.state_dict())
-        device = pick_device(config)
+        serve_model.load_state_dict(self.policy.state_dict())
+        self.device = device = pick_device(config)
         self.store = ImageStore(run_dir / "store")
         self.processor = build_image_processor(self.spec)
         self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
-        banned = image_token_ids_of(train_model)
+        banned = image_token_ids_of(self.policy)
         engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
                                     pad_token_id=self.renderer.stop_token_ids[0], device=device)
         self.served = ServedModel(f"tiny-{config.model.family}", config.model.family,
                                   processor_spec(config.model.family, self.processor), self.processor, engine,
                                   self.renderer.image_pad_id)
-        self.trainer = PolicyTrainer(train_model.to(device), store=self.store, spec=self.spec, processor=self.processor,
-                                     config=config.train, image_token_ids=banned)
         self.rng = random.Random(config.seed)
 
-    async def collect(self, client: TrainClient, step: int) -> list[Trace]:
-        """One GRPO batch: ``prompts_per_step`` episodes, each played ``group_size`` times."""
+    def make_trainer(self, inference_url: str) -> RLTrainer:
+        """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
+        config, checkpoints = self.config, self.run.root / "checkpoints"
+        if config.train.nproc == 0:
+            trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
+                                    processor=self.processor, config=config.train,
+                                    image_token_ids=image_token_ids_of(self.policy))
+            return InProcessTrainer(trainer, checkpoints / "latest", config.model.family, inference_url)
+        initial = save_checkpoint(self.policy, checkpoints / "initial", config.model.family, weight_version=0)
+        timeout = config.train.rank_timeout_s
+        job = DistributedJob(
+            family=config.model.family, store_root=str(self.store.root), pub_address="", ready_address="",
+            steps=config.max_steps, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
+            init_checkpoint=str(initial), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
+            device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
+            train=config.train)
+        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout)
+
+    async def collect(self, client: TrainClient, step: int) -> tuple[list[Trace], int]:
+        """One GRPO batch (``prompts_per_step`` episodes, each played ``group_size`` times) and its request bytes."""
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
         envs, groups = [], []
@@ -140,8 +160,10 @@ class Orchestrator:
                 envs.append(ColorCodewordEnv(self.env_config, seed=seed))
                 groups.append(f"s{step}-p{prompt}")
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
-        return await run_rollouts(envs, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
-                                  group_ids=groups)
+        sent = client.bytes_sent
+        traces = await run_rollouts(envs, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
+                                    group_ids=groups)
+        return traces, client.bytes_sent - sent
 
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
         by_group: dict[str, list[Trace]] = {}
@@ -164,32 +186,42 @@ class Orchestrator:
                 turns.append(TurnRecord(user_text="codeword?", images=new_images, completion=text))
             self.run.append(self.run.rollouts, RolloutRecord(step, trace.rollout_id, trace.reward, turns).to_json())
 
-    async def sync_weights(self, client_http, step: int) -> None:
-        path = save_checkpoint(self.trainer.model, self.run.root / "checkpoints" / "latest", self.config.model.family,
-                               weight_version=step + 1)
-        response = await client_http.post("/update_weights", json={"path": str(path)})
-        response.raise_for_status()
+
+
+def pixel_values_nbytes(rows: list[PackedRow], spec) -> int:
+    """What the step's images would weigh as float32 pixel_values: what refs keep off every hop."""
+    return sum(spec.pixel_values_nbytes(slot.ref.grid_thw) for row in rows for slot in row.images)
 
 
 async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any) -> list[dict]:
-    import httpx
+    trainer = orch.make_trainer(base_url)
+    ok = False
+    try:
+        progress.update(task, description=f"starting {orch.config.train.nproc or 'in-process'} trainer rank(s)")
+        await trainer.start()
+        history = await _steps(orch, trainer, base_url, progress, task)
+        ok = True
+        return history
+    finally:
+        await trainer.close(ok)
 
+
+async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress: Progress, task: Any) -> list[dict]:
     config = orch.config
     history = []
-    async with TrainClient(base_url) as client, httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+    async with TrainClient(base_url) as client:
         pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
             start = time.perf_counter()
-            traces = await pending
+            traces, request_bytes = await pending
             rollout_s = time.perf_counter() - start  # the wait for this step's rollouts
             if config.max_async >= 1 and step + 1 < config.max_steps:
                 # Off-policy by at most one step: the next batch samples while this one trains.
                 pending = asyncio.create_task(orch.collect(client, step + 1))
             samples = orch.samples(traces)
             rows = pack(samples, config.train.max_seq_len)
-            step_metrics = await asyncio.to_thread(orch.trainer.step, [MicroBatch(step, rows)])
+            step_metrics = await trainer.step(step, rows)  # returns once the server has the new weights
             train_s = time.perf_counter() - start - rollout_s
-            await orch.sync_weights(http, step)
             if config.max_async == 0 and step + 1 < config.max_steps:
                 pending = asyncio.create_task(orch.collect(client, step + 1))
             versions = [n.weight_version or 0 for t in traces for n in t.nodes]
@@ -201,8 +233,9 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
                        "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
                        "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
                        "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,
-                       "request_bytes": client.bytes_sent, "pixel_bytes_sent": 0, "off_policy_lag": lag,
-                       **step_metrics.as_dict()}
+                       "request_bytes": request_bytes,
+                       "pixel_values_bytes": pixel_values_nbytes(rows, orch.spec), "off_policy_lag": lag,
+                       **step_metrics}
             orch.record(step, traces, metrics)
             history.append(metrics)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "
@@ -231,11 +264,11 @@ def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
 
 def print_summary(console: Console, summary: RunSummary, history: list[dict]) -> None:
     table = Table(title=f"mmref rl: {summary.run_dir}")
-    for column in ("steps", "reward (last 5)", "wall s", "rollout s/step", "train s/step", "request KB/step"):
+    for column in ("steps", "ranks", "reward (last 5)", "wall s", "rollout s/step", "train s/step", "request KB/step"):
         table.add_column(column, justify="right")
     n = len(history)
-    table.add_row(str(n), f"{summary.last5_reward:.3f}", f"{summary.wall_s:.1f}",
+    table.add_row(str(n), str(history[-1]["ranks"]), f"{summary.last5_reward:.3f}", f"{summary.wall_s:.1f}",
                   f"{sum(m['rollout_s'] for m in history) / n:.2f}", f"{sum(m['train_s'] for m in history) / n:.2f}",
-                  f"{history[-1]['request_bytes'] / n / 1024:.0f}")
+                  f"{sum(m['request_bytes'] for m in history) / n / 1024:.0f}")
     console.print(table)
     console.print(f"reward curve: {summary.run_dir / 'reward.png'}   viewer: {summary.run_dir / 'viewer.html'}")

@@ -75,7 +75,10 @@ class TrainConfig(_Section):
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)  # exploration bonus: keeps small policies from collapsing early
     max_seq_len: int = Field(2048, ge=16)
-    nproc: int = Field(1, ge=1)
+    # Trainer ranks under torchrun, fed micro-batches of refs over ZMQ; 0 trains inside the
+    # orchestrator's process instead (no torchrun, no transport: the quickest start on a laptop).
+    nproc: int = Field(1, ge=0)
+    rank_timeout_s: float = Field(600.0, gt=0)  # bounds every wait of a rank: start-up, next step, collectives
     missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"
 
 

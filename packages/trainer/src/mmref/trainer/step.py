@@ -45,6 +45,30 @@ class StepMetrics:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def combine(cls, ranks: Sequence[StepMetrics]) -> StepMetrics:
+        """One step's metrics from every rank's share of it.
+
+        Each rank's ``loss`` is its loss sum over ``global tokens / world size`` (see
+        ``train._global_normalizer``), so the step's loss is their mean; per-token averages are
+        weighted by each rank's loss tokens; counts add up; times are the slowest rank's.
+        """
+        tokens = [m.loss_tokens for m in ranks]
+        total = max(1, sum(tokens))
+
+        def weighted(name: str) -> float:
+            return sum(getattr(m, name) * t for m, t in zip(ranks, tokens)) / total
+
+        return cls(
+            loss=sum(m.loss for m in ranks) / len(ranks), entropy=weighted("entropy"),
+            clip_fraction=weighted("clip_fraction"), mismatch_kl=weighted("mismatch_kl"),
+            grad_norm=max(m.grad_norm for m in ranks), loss_tokens=sum(tokens),
+            **{name: sum(getattr(m, name) for m in ranks)
+               for name in ("images_processed", "missing_images", "masked_sampled_image_tokens")},
+            **{name: max(getattr(m, name) for m in ranks)
+               for name in ("materialize_s", "forward_s", "backward_s", "optimizer_s")},
+        )
+
 
 class PolicyTrainer:
     """Model + optimizer + materializer; ``step`` does materialize -> forward -> loss -> update."""

@@ -14,27 +14,23 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmref.renderers import ImageStore
 from mmref.renderers.layout import layout_spec
-from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
 from mmref.trainer.distributed import RankInfo, fail_fast, init_distributed, shutdown_distributed, wrap_data_parallel
 from mmref.trainer.materialize import Materializer
-from mmref.trainer.models import QWEN_VISION_TOKEN_IDS, build_image_processor, build_tiny_model
+from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of, load_model
 from mmref.trainer.pack import MicroBatch
 from mmref.trainer.run_config import TrainConfig
-from mmref.trainer.step import PolicyTrainer
+from mmref.trainer.step import PolicyTrainer, StepMetrics
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
-
-# Every Qwen-VL vision special id (start, end, pad, video pad, and 151654 between them).
-_IMAGE_TOKEN_IDS = frozenset(range(QWEN_VISION_TOKEN_IDS["vision_start_token_id"],
-                                   QWEN_VISION_TOKEN_IDS["video_token_id"] + 1))
-
 
 class DistributedJob(BaseModel):
     """What every rank of a training job needs; one JSON file shared by all ranks."""
@@ -46,15 +42,25 @@ class DistributedJob(BaseModel):
     pub_address: str                     # the packer's PUB socket
     ready_address: str                   # the packer's READY PULL socket
     steps: int = Field(ge=1)
-    max_pixels: int | None = None        # layout override (small images in tests)
-    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: NCCL on CUDA when present, else gloo on CPU
+    min_pixels: int | None = None        # layout overrides (small images in tests and tiny runs)
+    max_pixels: int | None = None
+    seed: int = 0                        # the tiny model's seed when there is no init_checkpoint
+    init_checkpoint: str | None = None   # start from these weights (and their config.json)
     checkpoint_dir: str | None = None    # rank 0 writes weights here after each step
     inference_url: str | None = None     # then POSTs /update_weights here
     report_dir: str | None = None        # per-rank JSON of what each step received and did
+    metrics_path: str | None = None      # rank 0 appends each step's metrics, once its weights are served
     ready_timeout_s: float = 60.0
     recv_timeout_s: float = 120.0
     collective_timeout_s: float = 120.0
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _sync_needs_weights(self) -> DistributedJob:
+        if self.inference_url and not self.checkpoint_dir:
+            raise ValueError("inference_url is set but checkpoint_dir is not: the server loads weights from there")
+        return self
 
 
 def zero_loss_pad(micro_batch: MicroBatch) -> MicroBatch:
@@ -69,7 +75,8 @@ def zero_loss_pad(micro_batch: MicroBatch) -> MicroBatch:
 
 def run(job: DistributedJob) -> None:
     """Train ``job.steps`` steps on this rank; raises (on every rank) if any rank fails."""
-    info = init_distributed(timeout_s=job.collective_timeout_s)
+    backend = {"auto": None, "cpu": "gloo", "cuda": "nccl"}[job.device]
+    info = init_distributed(timeout_s=job.collective_timeout_s, backend=backend)
     try:
         _train(job, info)
     finally:
@@ -77,20 +84,22 @@ def run(job: DistributedJob) -> None:
 
 
 def _train(job: DistributedJob, info: RankInfo) -> None:
-    overrides = {"max_pixels": job.max_pixels} if job.max_pixels else {}
+    overrides = {k: v for k, v in (("min_pixels", job.min_pixels), ("max_pixels", job.max_pixels)) if v}
     spec = layout_spec(job.family, **overrides)
     processor = build_image_processor(spec)
     store = ImageStore(job.store_root)
-    model = build_tiny_model(job.family, seed=job.seed).to(info.device)
+    model = _build_model(job)
+    image_token_ids = image_token_ids_of(model)
+    model = model.to(info.device)
     # Rank 0 keeps an unsharded copy to export full weights into (checkpoint.save_checkpoint
     # writes a plain module; FSDP2 parameters are shards).
-    export = build_tiny_model(job.family, seed=job.seed) if info.rank == 0 and job.checkpoint_dir else None
+    export = _build_model(job) if info.rank == 0 and job.checkpoint_dir else None
     model, strategy = wrap_data_parallel(model, info)
     # A 256 MiB cache lets the fail-fast pre-materialize below serve the step's own pass.
     materializer = Materializer(store, spec, processor, cache_bytes=256 << 20, device=info.device,
                                 missing_image_policy=job.train.missing_image_policy)
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
-                            image_token_ids=_IMAGE_TOKEN_IDS, materializer=materializer)
+                            image_token_ids=image_token_ids, materializer=materializer)
     limits = TransportLimits(ready_timeout_s=job.ready_timeout_s, recv_timeout_s=job.recv_timeout_s)
     receiver = ZmqReceiver(TransportAddresses(pub=job.pub_address, ready=job.ready_address), info.rank, limits)
     report: list[dict] = []
@@ -98,22 +107,50 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
         for step in range(job.steps):
             with fail_fast(f"step {step} receive"):
                 micro_batches = [MicroBatch.from_wire(mb) for mb in receiver.recv_step(step)]
+            before = materializer.stats.images_processed
             with fail_fast(f"step {step} materialize"):
                 for mb in micro_batches:
                     materializer.materialize(mb.rows)
             metrics = trainer.step(micro_batches, normalizer=_global_normalizer(micro_batches, info))
+            metrics = replace(metrics, images_processed=materializer.stats.images_processed - before)
             version = step + 1
-            _sync_weights(job, info, model, export, version)
-            report.append({"step": step, "weight_version": version, "strategy": strategy,
-                           "bytes_received": receiver.bytes_received,
-                           "images_materialized": materializer.stats.images_processed,
-                           "token_ids": [row.token_ids for mb in micro_batches for row in mb.rows],
-                           "metrics": metrics.as_dict(), "grads": _full_grads(model)})
+            with fail_fast(f"step {step} weight sync"):
+                _sync_weights(job, info, model, export, version)
+            _append_metrics(job, info, step, version, metrics)
+            if job.report_dir:  # test instrumentation: full gradients are a collective and costly
+                report.append({"step": step, "weight_version": version, "strategy": strategy,
+                               "bytes_received": receiver.bytes_received,
+                               "images_materialized": materializer.stats.images_processed,
+                               "token_ids": [row.token_ids for mb in micro_batches for row in mb.rows],
+                               "metrics": metrics.as_dict(), "grads": _full_grads(model)})
     finally:
         receiver.close()
         materializer.close()
         if job.report_dir:
             Path(job.report_dir, f"rank{info.rank}.json").write_text(json.dumps(report))
+
+
+def _build_model(job: DistributedJob) -> torch.nn.Module:
+    """The job's starting model: a checkpoint's architecture and weights, or a tiny model of ``family``."""
+    if job.init_checkpoint is None:
+        return build_tiny_model(job.family, seed=job.seed)
+    model = load_model(job.init_checkpoint)
+    load_weights_into(model, job.init_checkpoint)  # by the live module's names, tied weights included
+    return model
+
+
+def _append_metrics(job: DistributedJob, info: RankInfo, step: int, version: int, metrics: StepMetrics) -> None:
+    """Rank 0 appends the step's metrics, combined over ranks, to ``job.metrics_path`` (a collective)."""
+    if not job.metrics_path:
+        return
+    parts = [metrics]
+    if info.world_size > 1:
+        parts = [None] * info.world_size
+        dist.all_gather_object(parts, metrics)
+    if info.rank == 0:
+        line = {"step": step, "weight_version": version, "ranks": info.world_size, **StepMetrics.combine(parts).as_dict()}
+        with open(job.metrics_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def _global_normalizer(micro_batches: list[MicroBatch], info: RankInfo) -> float:
@@ -152,7 +189,9 @@ def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, e
     path = save_checkpoint(export, job.checkpoint_dir, job.family, weight_version=version)
     if job.inference_url:
         response = httpx.post(f"{job.inference_url.rstrip('/')}/update_weights", json={"path": str(path)}, timeout=60.0)
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"inference server refused weight version {version} from {path}: "
+                               f"HTTP {response.status_code} {response.text[:500]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,7 @@ def decode_payload(payload: bytes) -> list[dict]:
 class MicroBatchSender(Protocol):
     """What the packer calls; implemented by ``ZmqSender`` and ``InMemoryHub.sender()``."""
 
-    def wait_ready(self) -> None: ...
+    def wait_ready(self, timeout_s: float | None = None) -> None: ...
     def send_step(self, step: int, per_rank: Sequence[Sequence[dict]]) -> int: ...
     def close(self) -> None: ...
 
@@ -116,8 +116,8 @@ class _StepCheck:
 
     def check(self, expected: int, got: int) -> None:
         if got != expected:
-            if self.last is not None and got > self.last + 1:
-                why = f"a gap: steps {self.last + 1}..{got - 1} never arrived (dropped message?)"
+            if got > expected:
+                why = f"a gap: steps {expected}..{got - 1} never arrived (dropped message?)"
             else:
                 why = "a stale or out-of-order step"
             raise StepMismatchError(
@@ -135,6 +135,8 @@ class ZmqSender:
         self._ctx = zmq.Context()
         self._pub = self._ctx.socket(zmq.XPUB)
         self._pub.setsockopt(zmq.SNDHWM, limits.high_water_mark)
+        # Block (up to SNDTIMEO) when a rank's queue is full instead of PUB's default: dropping silently.
+        self._pub.setsockopt(zmq.XPUB_NODROP, 1)
         self._pub.setsockopt(zmq.SNDTIMEO, int(limits.send_timeout_s * 1000))
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.bind(addresses.pub)
@@ -142,26 +144,29 @@ class ZmqSender:
         self._ready.setsockopt(zmq.LINGER, 0)
         self._ready.bind(addresses.ready)
         self.bytes_sent = 0
+        self._ready_ranks: set[int] = set()
+        self._subscribed: set[int] = set()
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until every rank has subscribed and sent READY; the timeout names the missing ranks.
 
         Both are needed: READY says the rank is up, the subscription (seen on XPUB) says the
         PUB socket will route to it, which READY alone cannot promise (PUB drops until then).
+        What arrived is kept, so a caller may wait in short slices (checking its ranks between).
         """
-        ready: set[int] = set()
-        subscribed: set[int] = set()
+        timeout_s = self.limits.ready_timeout_s if timeout_s is None else timeout_s
+        ready, subscribed = self._ready_ranks, self._subscribed
         wanted = set(range(self.world_size))
         poller = zmq.Poller()
         poller.register(self._ready, zmq.POLLIN)
         poller.register(self._pub, zmq.POLLIN)
-        deadline = time.monotonic() + self.limits.ready_timeout_s
+        deadline = time.monotonic() + timeout_s
         while not (wanted <= ready and wanted <= subscribed):
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(wanted - (ready & subscribed))
                 raise ReadyTimeoutError(
-                    f"ranks {missing} did not connect within {self.limits.ready_timeout_s:.1f}s "
+                    f"ranks {missing} did not connect within {timeout_s:.1f}s "
                     f"(READY from {sorted(ready)}, subscribed {sorted(subscribed)}, world size {self.world_size})"
                 )
             for sock, _ in poller.poll(timeout=int(left * 1000) + 1):
@@ -270,7 +275,7 @@ class _InMemorySender:
         self.hub = hub
         self.bytes_sent = 0
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, timeout_s: float | None = None) -> None:
         missing = sorted(set(range(self.hub.world_size)) - self.hub._ready)
         if missing:
             raise ReadyTimeoutError(f"ranks {missing} did not connect (world size {self.hub.world_size})")
