@@ -1,9 +1,11 @@
 """Layout math equals the real transformers image processor, for every Qwen family.
 
-Two tiers keep this exact and fast: the processor's own size logic
-(``get_number_of_image_patches``) over the full 1..8192 range, and the processor's full
+Two tiers keep this exact and fast: the processor's own size logic (its module's
+``smart_resize`` and ``get_number_of_image_patches``) over the full 1..8192 range, and the processor's full
 ``__call__`` on real images up to 2048 a side plus fixed 4K screenshots.
 """
+
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,12 +36,18 @@ def grid_from_processor(processor, width, height):
 @pytest.mark.parametrize("family,overrides", SPECS, ids=IDS)
 @settings(max_examples=300, deadline=None)
 @given(size=sizes())
-def test_token_count_equals_processor_patch_count_full_range(family, overrides, size):
+def test_grid_and_token_count_equal_the_processors_size_logic_full_range(family, overrides, size):
     spec = layout_spec(family, **overrides)
     processor = build_image_processor(spec)
     layout = describe_image(spec, *size)
+    # The resize the processor's own module does in __call__, with the processor's own parameters.
+    module = sys.modules[type(processor).__module__]
+    height, width = module.smart_resize(size[1], size[0], processor.patch_size * processor.merge_size,
+                                        min_pixels=processor.size["shortest_edge"],
+                                        max_pixels=processor.size["longest_edge"])
+    assert (layout.resized_height, layout.resized_width) == (height, width)
+    assert layout.grid_thw == (1, height // processor.patch_size, width // processor.patch_size)
     patches = processor.get_number_of_image_patches(size[1], size[0])
-    assert layout.grid_thw[1] * layout.grid_thw[2] == patches
     assert layout.num_tokens == patches // spec.merge_size**2
 
 

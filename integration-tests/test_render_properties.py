@@ -79,11 +79,15 @@ def test_bridged_conversation_equals_full_render(family, data):
             history += messages
             prompt = renderer.render(history)
         else:
-            prompt = renderer.bridge_to_next_turn(prev_prompt, prev_completion, messages, prompt.images)
+            prompt = renderer.bridge_to_next_turn(prev_prompt, prev_completion, messages, prompt.images, prev=prompt)
             history += messages
             full = renderer.render(history)
             assert prompt.token_ids == full.token_ids
             assert [(s.offset, s.ref) for s in prompt.images] == [(s.offset, s.ref) for s in full.images]
+            # Attribution as in the full render, except scaffold the bridge cannot know (earlier
+            # generation prompts, the newline after a close), which it leaves at -1.
+            assert all(b in (f, -1) for b, f in zip(prompt.message_index, full.message_index))
+            assert set(prompt.message_index) == set(full.message_index) | {-1}
         check_slots(prompt, renderer)
         prev_prompt, prev_completion = prompt.token_ids, completion_ids(renderer, history, reply)
         assert all(prompt.sampled_mask[i] is False for i in range(len(prev_prompt)) if i >= len(prev_prompt) - 2)

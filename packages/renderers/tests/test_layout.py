@@ -68,3 +68,17 @@ def test_unknown_family_and_parameter_are_named():
         layout_spec("llava")
     with pytest.raises(LayoutError, match="min_pix"):
         layout_spec("qwen2-vl", min_pix=3)
+
+
+@pytest.mark.parametrize("family,patch,merge,temporal,min_pixels,max_pixels", [
+    # preprocessor_config.json of Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct
+    ("qwen2-vl", 14, 2, 2, 3136, 12_845_056),
+    ("qwen2.5-vl", 14, 2, 2, 3136, 12_845_056),
+    # Qwen/Qwen3-VL-8B-Instruct: size {shortest_edge: 65536, longest_edge: 16777216}, patch 16
+    ("qwen3-vl", 16, 2, 2, 65_536, 16_777_216),
+    ("qwen3.5", 16, 2, 2, 65_536, 16_777_216),
+])
+def test_default_specs_match_the_published_checkpoints(family, patch, merge, temporal, min_pixels, max_pixels):
+    spec = layout_spec(family)
+    assert (spec.patch_size, spec.merge_size, spec.temporal_patch_size, spec.min_pixels, spec.max_pixels) == (
+        patch, merge, temporal, min_pixels, max_pixels)

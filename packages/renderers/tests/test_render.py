@@ -129,3 +129,48 @@ def test_parse_response_reports_malformed_tool_calls_and_cutoff():
 def test_unknown_family_is_named():
     with pytest.raises(RenderError, match="no renderer for family 'llava'"):
         create_renderer(qwen2_tokenizer(), "llava")
+
+
+def test_storing_and_rendering_reads_headers_but_never_decodes_pixels(renderer, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    encoded = []
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.new("RGB", (300 + 7 * i, 200), (i * 40, 90, 200)).save(buffer, "PNG")
+        encoded.append(buffer.getvalue())
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
+    store = ImageStore(tmp_path)
+    refs = [make_ref(renderer.spec, store.put_bytes(data, "image/png")) for data in encoded]
+    parts = [{"type": "image_url", "image_url": {"url": ref.encode()}} for ref in refs]
+    rendered = renderer.render([{"role": "user", "content": parts}])
+    assert [s.ref.width for s in rendered.images] == [300, 307, 314, 321]
+    assert loads == []  # sizes came from the PNG headers; no pixel was decoded
+
+
+@pytest.mark.parametrize("arguments,needle", [
+    ("{not json", "arguments are not valid JSON"),
+    ("[1, 2]", "arguments must be a JSON object, got list"),
+])
+def test_qwen35_tool_call_arguments_that_are_not_an_object_are_render_errors(arguments, needle):
+    qwen35 = create_renderer(qwen2_tokenizer(), "qwen3.5")
+    call = {"id": "c1", "type": "function", "function": {"name": "click", "arguments": arguments}}
+    messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    with pytest.raises(RenderError, match=f"message 1: tool call 'click' {needle}"):
+        qwen35.render(messages)
+
+
+def test_bridge_with_prev_numbers_messages_in_the_whole_conversation(renderer):
+    history = [{"role": "user", "content": "hi"}]
+    prompt = renderer.render(history)
+    reply = qwen2_tokenizer().encode("ok", add_special_tokens=False) + [IM_END]
+    new = [{"role": "user", "content": "again"}]
+    bridged = renderer.bridge_to_next_turn(prompt.token_ids, reply, new, [], prev=prompt)
+    full = renderer.render(history + [{"role": "assistant", "content": "ok"}] + new)
+    assert bridged.token_ids == full.token_ids
+    content = [i for i, c in zip(bridged.message_index, bridged.is_content) if c]
+    assert content == [i for i, c in zip(full.message_index, full.is_content) if c] == [0, 1, 2]
+    with pytest.raises(RenderError, match="prev has"):
+        renderer.bridge_to_next_turn(prompt.token_ids[:-1], reply, new, [], prev=prompt)

@@ -13,6 +13,7 @@ from mmref.renderers.errors import (
     IntegrityError,
     InvalidImageError,
     PathEscapeError,
+    StoreWriteError,
 )
 from mmref.renderers.store import ImageStore, StoreLimits, sniff_media_type
 
@@ -145,7 +146,7 @@ def test_failed_write_leaves_no_partial_asset(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StoreWriteError, match=r"could not write asset [0-9a-f]{16}\.png .*No space left"):
         store.put_bytes(encode(), "image/png")
     assert os.listdir(tmp_path) == []
 

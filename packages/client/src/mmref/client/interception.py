@@ -168,7 +168,7 @@ def _render(renderer: Any, session: Session, messages: list[dict[str, Any]], too
         history = len(previous) + 1  # previous messages + the assistant reply the agent echoes back
         if len(messages) > history and messages[: len(previous)] == previous:
             bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion_ids, messages[history:],
-                                                   rendered.images)
+                                                   rendered.images, prev=rendered)
             if bridged is not None:
                 return bridged
     return renderer.render(messages, tools=tools)

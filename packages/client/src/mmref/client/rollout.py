@@ -52,7 +52,8 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
         if done:
             break
         new_messages, _ = prepare_images(new_messages, store, renderer.spec)
-        bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages, rendered.images)
+        bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages, rendered.images,
+                                               prev=rendered)
         messages = messages + new_messages
         if bridged is None:
             rendered = renderer.render(messages)

@@ -57,3 +57,7 @@ class IntegrityError(StoreError):
 
 class PathEscapeError(StoreError, PermissionError):
     """An asset that resolves outside the store root (``..``, absolute, symlink out)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """An asset could not be written (disk full, permissions, a failed rename); nothing partial is left."""

@@ -38,6 +38,7 @@ from mmref.renderers.errors import (
     InvalidImageError,
     PathEscapeError,
     RefError,
+    StoreWriteError,
 )
 from mmref.renderers.refs import EXTENSIONS, RawImageRef, asset_name, check_asset
 
@@ -171,7 +172,11 @@ class ImageStore:
         width, height = inspect_image(data, media_type, self.limits, f"asset {asset}")
         exists = self._exists(asset)
         if not exists:
-            self._write_atomic(asset, data)
+            try:
+                self._write_atomic(asset, data)
+            except OSError as exc:
+                raise StoreWriteError(f"could not write asset {asset} ({len(data)} bytes) to store {self.url}: "
+                                      f"{exc}") from exc
         return StoredImage(asset, sha256, media_type, width, height, len(data), deduplicated=exists)
 
     def put_image(self, image: Image.Image, format: str = "PNG") -> StoredImage:

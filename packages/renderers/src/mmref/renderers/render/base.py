@@ -148,12 +148,19 @@ class Renderer(ABC):
 
     def bridge_to_next_turn(self, prev_prompt_ids: Sequence[int], prev_completion_ids: Sequence[int],
                             new_messages: Sequence[Message | dict], prev_images: Sequence[ImageSlot],
-                            tools: list[dict] | None = None) -> RenderedTokens | None:
+                            tools: list[dict] | None = None, *,
+                            prev: RenderedTokens | None = None) -> RenderedTokens | None:
         """Previous prompt + completion verbatim, then ``new_messages`` and the generation prompt.
 
         The completion is trimmed after its close token, or the close token is appended
         (not sampled) when it was cut off. Returns None where only a full re-render is
         correct: an assistant or system message among the new ones.
+
+        Attribution: with ``prev`` (the previous turn's render of ``prev_prompt_ids``) the
+        prompt keeps its per-token ``message_index``/``is_content``, the completion belongs to
+        the assistant message that follows, and new messages are numbered in the whole
+        conversation, as a full render numbers them (the previous generation prompt stays
+        scaffold, -1). Without ``prev`` the earlier tokens are -1 and new messages count from 0.
         """
         parsed = parse_messages(new_messages)
         if not parsed or any(m.role in ("assistant", "system") for m in parsed):
@@ -180,11 +187,20 @@ class Renderer(ABC):
         image_ids = [0] * len(prefix)  # from the slots, not a per-token scan: bridging stays flat in k
         for slot in prev_images:
             image_ids[slot.offset:slot.end] = [1] * slot.length
+        if prev is not None:
+            if len(prev.token_ids) != n_prompt:
+                raise RenderError(f"prev has {len(prev.token_ids)} tokens but prev_prompt_ids has {n_prompt}")
+            assistant = max(prev.message_index, default=-1) + 1  # the reply's index in the conversation
+            prompt_index, prompt_content = list(prev.message_index), list(prev.is_content)
+        else:
+            assistant, prompt_index, prompt_content = -1, [-1] * n_prompt, [False] * n_prompt
+        first_new = assistant + 1
         return RenderedTokens(
             token_ids=prefix + tail.token_ids,
-            message_index=[-1] * len(prefix) + tail.message_index,
+            message_index=prompt_index + [assistant] * len(completion)
+            + [i + first_new if i >= 0 else -1 for i in tail.message_index],
             sampled_mask=[False] * n_prompt + sampled + tail.sampled_mask,
-            is_content=[False] * n_prompt + [True] * len(completion) + tail.is_content,
+            is_content=prompt_content + [s and t != close_id for s, t in zip(sampled, completion)] + tail.is_content,
             mm_token_type_ids=image_ids + tail.mm_token_type_ids,
             images=list(prev_images) + tail.images,
         )

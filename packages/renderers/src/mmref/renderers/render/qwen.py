@@ -207,8 +207,7 @@ class Qwen35Renderer(Qwen3VLRenderer):
         segments += [self._tag("<think>", index), Text("\n", index), Break(), Text(reasoning + "\n", index, True),
                      self._tag("</think>", index), Text("\n\n" + text, index, True)]
         for call in message.tool_calls:
-            args = call.function.arguments
-            args = json.loads(args) if isinstance(args, str) else args
+            args = _arguments_object(call.function.arguments, index, call.function.name)
             params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else tojson(v)}\n</parameter>\n"
                              for k, v in args.items())
             segments += [Text("\n\n", index), self._tag("<tool_call>", index),
@@ -240,3 +239,16 @@ def _xml_value(text: str) -> Any:
 
 def _system_text(message: Message) -> str:
     return "".join(p.text for p in message.parts if isinstance(p, TextPart))
+
+
+def _arguments_object(arguments: Any, index: int, name: str) -> dict:
+    """Tool-call arguments as a dict (Qwen3.5 writes each as a <parameter=...>); a clear error otherwise."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise RenderError(f"message {index}: tool call {name!r} arguments are not valid JSON: {exc}") from None
+    if not isinstance(arguments, dict):
+        raise RenderError(f"message {index}: tool call {name!r} arguments must be a JSON object, "
+                          f"got {type(arguments).__name__}")
+    return arguments
