@@ -145,3 +145,33 @@ def test_concurrent_requests_run_as_one_batch_with_the_same_logprobs_as_alone():
             assert len(choice["token_ids"]) == len(choice["logprobs"])
             alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
             assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_batched_requests_encode_each_shared_image_once_with_unchanged_logprobs(family):
+    model = served(family)
+    app, store = app_and_store(model)
+    refs = stored_refs(model, store, 3)
+    prompts = [prompt_with_images(refs[:k]) for k in (1, 2, 3, 3)]  # 9 slots, 3 distinct images
+    real = model.engine.generate_batch
+    model.engine.generate_batch = lambda jobs: batches.append(jobs) or real(jobs)
+    batches, tower_images = [], []
+    visual = model.engine.model.model.visual
+    hook = visual.register_forward_pre_hook(lambda m, args: tower_images.append(args[0].shape[0]))  # pixel rows
+
+    async def many():
+        async with client(app) as c:
+            return await asyncio.gather(*(c.post("/inference/v1/generate", json={
+                "token_ids": ids, "images": slots, "sampling": {"max_tokens": 4}}) for ids, slots in prompts))
+    responses = asyncio.run(many())
+    hook.remove()
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    # One tower call per batch, on the pixels of that batch's distinct images; some batch shared one.
+    distinct = [{sha: f.pixel_values.shape[0] for job in jobs for sha, f in zip(job.image_sha256, job.features)}
+                for jobs in batches]
+    assert tower_images == [sum(rows.values()) for rows in distinct] and sum(map(len, batches)) == 4
+    assert any(sum(len(job.features) for job in jobs) > len(rows) for jobs, rows in zip(batches, distinct))
+    for (ids, slots), response in zip(prompts, responses):
+        choice = response.json()["choices"][0]
+        alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
+        assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -20,9 +21,11 @@ import torch
 from transformers import LogitsProcessorList
 
 from mmref.trainer.checkpoint import load_weights_into
+from mmref.trainer.forward import vision_tower
 from mmref.trainer.inference.api import Choice, SamplingParams
 from mmref.trainer.inference.sampling import RecordingSampler
 from mmref.trainer.pixels import ImageFeatures
+from mmref.trainer.vision_once import vision_once
 
 
 class Engine(Protocol):
@@ -42,13 +45,17 @@ class Engine(Protocol):
 
 @dataclass
 class Job:
-    """One request for ``generate_batch``: a prompt with its image features (``future`` is the queue's)."""
+    """One request for ``generate_batch``: a prompt with its image features (``future`` is the queue's).
+
+    ``image_sha256`` (one per feature, optional) names equal images across jobs.
+    """
 
     prompt_ids: list[int]
     features: Sequence[ImageFeatures]
     mm_token_type_ids: list[int]
     sampling: SamplingParams
     future: asyncio.Future | None = None
+    image_sha256: Sequence[str] = ()
 
 
 class TransformersEngine:
@@ -71,6 +78,7 @@ class TransformersEngine:
             raise ValueError(f"max_model_len {max_model_len} must be in [1, {limit}] (the model's max_position_embeddings)")
         self.max_model_len = max_model_len or limit
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.merge_size = int(model.config.vision_config.spatial_merge_size)
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,7 +91,7 @@ class TransformersEngine:
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(Job(prompt_ids, features, mm_token_type_ids, sampling, future))
+        await self._queue.put(Job(prompt_ids, features, mm_token_type_ids, sampling, future, image_sha256))
         return await future
 
     async def _serve(self) -> None:
@@ -130,14 +138,10 @@ class TransformersEngine:
         ids = torch.tensor([left_pad(j.prompt_ids, self.pad_token_id) for j in jobs], device=self.device)
         mask = torch.tensor([left_pad([1] * len(j.prompt_ids), 0) for j in jobs], device=self.device)
         types = torch.tensor([left_pad(j.mm_token_type_ids, 0) for j in jobs], device=self.device)
-        features = [f for job in jobs for f in job.features]
-        kwargs = {}
-        if features:
-            kwargs = dict(pixel_values=torch.cat([f.pixel_values for f in features]).to(self.device),
-                          image_grid_thw=torch.tensor([f.grid_thw for f in features], device=self.device))
+        kwargs, images = self._image_inputs(jobs)
         stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
         sampler = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
-        with self._model_lock:
+        with self._model_lock, images:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             out = self.model.generate(
@@ -149,6 +153,31 @@ class TransformersEngine:
             token_logp = sampler.finish(out.sequences)
         rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(out.sequences[:, width:], token_logp)]
         return [rows[i * sampling.n:(i + 1) * sampling.n] for i in range(len(jobs))]
+
+    def _image_inputs(self, jobs: Sequence[Job]) -> tuple[dict[str, torch.Tensor], AbstractContextManager]:
+        """``generate``'s image kwargs, and the context that runs the vision tower once per unique image.
+
+        A GRPO group sends the same image in each of its requests; with ``n == 1`` each unique
+        image (by sha256 where given, else by feature object) goes through the tower once.
+        With ``n > 1`` generate splits pixel_values per sample itself, so every slot is sent.
+        """
+        features = [f for job in jobs for f in job.features]
+        if not features:
+            return {}, nullcontext()
+        keys = [key for job in jobs for key in (job.image_sha256 or [id(f) for f in job.features])]
+        first: dict = {}
+        for key, feature in zip(keys, features):
+            first.setdefault(key, feature)
+        grids = torch.tensor([f.grid_thw for f in features], device=self.device)
+        if jobs[0].sampling.n > 1 or len(keys) != len(features) or len(first) == len(features):
+            return dict(pixel_values=torch.cat([f.pixel_values for f in features]).to(self.device),
+                        image_grid_thw=grids), nullcontext()
+        position = {key: i for i, key in enumerate(first)}
+        unique_grids = torch.tensor([f.grid_thw for f in first.values()], device=self.device)
+        index = torch.tensor([position[key] for key in keys])
+        images = vision_once(vision_tower(self.model), unique_grids, index, self.merge_size)
+        return dict(pixel_values=torch.cat([f.pixel_values for f in first.values()]).to(self.device),
+                    image_grid_thw=grids), images
 
     async def update_weights(self, path: str) -> int:
         def load() -> int:
