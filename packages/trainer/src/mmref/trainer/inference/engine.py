@@ -2,7 +2,8 @@
 
 The transformers engine queues requests (asyncio) for one worker thread that owns the
 model; requests waiting together with the same sampling params (and no seed) run as one
-left-padded ``generate`` batch, each with its ``n`` samples as rows.
+left-padded ``generate`` batch, each with its ``n`` samples as rows; an image shared by
+several requests of a batch (a GRPO group) goes through the vision tower once.
 Image special tokens are removed from the sampling distribution and logprobs are reported
 under the same mask, recorded step by step (``inference.sampling.RecordingSampler``).
 """
@@ -168,16 +169,16 @@ class TransformersEngine:
         first: dict = {}
         for key, feature in zip(keys, features):
             first.setdefault(key, feature)
-        grids = torch.tensor([f.grid_thw for f in features], device=self.device)
-        if jobs[0].sampling.n > 1 or len(keys) != len(features) or len(first) == len(features):
-            return dict(pixel_values=torch.cat([f.pixel_values for f in features]).to(self.device),
-                        image_grid_thw=grids), nullcontext()
+        shared = jobs[0].sampling.n == 1 and len(keys) == len(features) and len(first) < len(features)
+        unique = list(first.values()) if shared else features
+        kwargs = dict(pixel_values=torch.cat([f.pixel_values for f in unique]).to(self.device),
+                      image_grid_thw=torch.tensor([f.grid_thw for f in features], device=self.device))
+        if not shared:
+            return kwargs, nullcontext()
         position = {key: i for i, key in enumerate(first)}
-        unique_grids = torch.tensor([f.grid_thw for f in first.values()], device=self.device)
+        unique_grids = torch.tensor([f.grid_thw for f in unique], device=self.device)
         index = torch.tensor([position[key] for key in keys])
-        images = vision_once(vision_tower(self.model), unique_grids, index, self.merge_size)
-        return dict(pixel_values=torch.cat([f.pixel_values for f in first.values()]).to(self.device),
-                    image_grid_thw=grids), images
+        return kwargs, vision_once(vision_tower(self.model), unique_grids, index, self.merge_size)
 
     async def update_weights(self, path: str) -> int:
         def load() -> int:
