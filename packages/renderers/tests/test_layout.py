@@ -3,7 +3,15 @@
 import pytest
 
 from mmref.renderers.errors import LayoutError
-from mmref.renderers.layout import DEFAULT_SPECS, describe_image, layout_spec, smart_resize
+from mmref.renderers.layout import (
+    DEFAULT_SPECS,
+    _SpecsByFingerprint,
+    describe_image,
+    layout_spec,
+    smart_resize,
+    spec_differences,
+    spec_for_fingerprint,
+)
 
 
 @pytest.mark.parametrize("family,size,grid,tokens", [
@@ -82,3 +90,20 @@ def test_default_specs_match_the_published_checkpoints(family, patch, merge, tem
     spec = layout_spec(family)
     assert (spec.patch_size, spec.merge_size, spec.temporal_patch_size, spec.min_pixels, spec.max_pixels) == (
         patch, merge, temporal, min_pixels, max_pixels)
+
+
+def test_spec_differences_lists_exactly_the_changed_parameters():
+    base = layout_spec("qwen3-vl")
+    assert spec_differences(base, base) == []
+    changed = base.replace(temporal_patch_size=1, image_std=(0.2, 0.2, 0.2))
+    assert spec_differences(base, changed) == [("temporal_patch_size", 2, 1),
+                                               ("image_std", (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))]
+
+
+def test_specs_by_fingerprint_forgets_the_oldest_past_its_limit():
+    seen = _SpecsByFingerprint(limit=2)
+    specs = [layout_spec("qwen2-vl", max_pixels=n * 28 * 28) for n in (100, 200, 300)]
+    for spec in specs:
+        seen.remember(spec.fingerprint, spec)
+    assert [seen.get(s.fingerprint) for s in specs] == [None, specs[1], specs[2]]
+    assert spec_for_fingerprint(specs[0].fingerprint) == specs[0]  # the process-wide registry kept it

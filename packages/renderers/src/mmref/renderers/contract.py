@@ -4,14 +4,20 @@ Producer side: ``make_ref(spec, stored)`` combines the store's facts about the b
 the layout math. Consumer side: ``verify_ref(ref, spec, stage=...)`` recomputes family,
 fingerprint, grid and token count from *its own* spec and raises
 ``ContractMismatchError`` naming the image, the stage, and expected vs actual values.
+
+A fingerprint drift names the parameters that differ, with the ref's value and this
+stage's, whenever the producer's spec is known here (a published default, or any spec
+computed in this process; see ``layout.spec_for_fingerprint``)::
+
+    trainer: layout drift for image asset=… sha256=…: merge_size 2 (ref) != 1 (this trainer); …
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from mmref.renderers.errors import ContractMismatchError
-from mmref.renderers.layout import LayoutSpec, describe_image
+from mmref.renderers.layout import LayoutSpec, describe_image, spec_differences, spec_for_fingerprint
 from mmref.renderers.refs import CONTRACT_VERSION, RawImageRef
 
 
@@ -41,13 +47,37 @@ def verify_ref(ref: RawImageRef, spec: LayoutSpec, stage: str) -> None:
     if ref.family != spec.family:
         raise ContractMismatchError(f"{where}: ref family {ref.family!r} but this {stage} serves {spec.family!r}")
     if ref.fingerprint != spec.fingerprint:
-        raise ContractMismatchError(
-            f"{where}: layout fingerprint {ref.fingerprint[:16]}… != {spec.fingerprint[:16]}… of this {stage}'s "
-            f"processor (min_pixels={spec.min_pixels}, max_pixels={spec.max_pixels}, patch={spec.patch_size}); "
-            "the renderer and this stage use different resize parameters"
-        )
+        raise ContractMismatchError(drift_message(ref, spec, stage))
     layout = describe_image(spec, ref.width, ref.height)
     if tuple(ref.grid_thw) != layout.grid_thw:
         raise ContractMismatchError(f"{where}: ref grid_thw {tuple(ref.grid_thw)} != recomputed {layout.grid_thw}")
     if ref.num_tokens != layout.num_tokens:
         raise ContractMismatchError(f"{where}: ref num_tokens {ref.num_tokens} != recomputed {layout.num_tokens}")
+
+
+def drift_message(ref: RawImageRef, spec: LayoutSpec, stage: str) -> str:
+    """Why ``ref``'s layout fingerprint differs from ``spec``'s: each changed parameter with both values.
+
+    Names the parameters when the producer's spec is known in this process, else gives both
+    fingerprints and this stage's parameters to compare with the producer's processor config.
+    """
+    head, here = f"{stage}: layout drift for image {ref.describe()}", f"this {stage}"
+    producer = spec_for_fingerprint(ref.fingerprint)
+    if producer is None:
+        return (f"{head}: layout fingerprint {ref.fingerprint} (ref) != {spec.fingerprint} ({here}); the producer's "
+                f"layout parameters are unknown to this process; compare the processor configs ({here}: "
+                f"{_params(spec)})")
+    changed = "; ".join(f"{name} {_show(theirs)} (ref) != {_show(ours)} ({here})"
+                        for name, theirs, ours in spec_differences(producer, spec))
+    return (f"{head}: {changed} (layout fingerprint {ref.fingerprint[:16]}… != {spec.fingerprint[:16]}…); render "
+            f"with the processor config this {stage} uses, or serve the one the ref was made with")
+
+
+def _params(spec: LayoutSpec) -> str:
+    names = ("resize", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+    names += ("in_patch_limit", "patch_limit_on_one_side") if spec.resize == "navit" else ("min_pixels", "max_pixels")
+    return ", ".join(f"{name}={_show(getattr(spec, name))}" for name in names)
+
+
+def _show(value: Any) -> str:
+    return str(value)  # floats in full (repr): mean/std drift can sit in the 8th digit

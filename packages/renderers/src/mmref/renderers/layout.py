@@ -10,6 +10,10 @@ running a processor.
 Each family's spec has a ``fingerprint``: sha256 over ``mmref-layout:v1:<family>:``
 plus its parameters as sorted ``key=json(value)`` pairs. A consumer recomputes the
 fingerprint from its own processor configuration and refuses refs that differ.
+
+A fingerprint is one-way, so to say *which* parameter drifted a consumer needs the
+producer's spec: ``spec_for_fingerprint`` knows the published defaults and every spec
+whose fingerprint this process has computed, and ``spec_differences`` lists the changes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,7 +77,9 @@ class LayoutSpec:
         """sha256 hex over the family and every parameter; the version pin between stages."""
         params = {k: v for k, v in dataclasses.asdict(self).items() if k != "family"}
         pairs = ";".join(f"{k}={json.dumps(params[k], separators=(',', ':'))}" for k in sorted(params))
-        return hashlib.sha256(f"mmref-layout:v1:{self.family}:{pairs}".encode()).hexdigest()
+        digest = hashlib.sha256(f"mmref-layout:v1:{self.family}:{pairs}".encode()).hexdigest()
+        _SEEN_SPECS.remember(digest, self)
+        return digest
 
     def pixel_values_nbytes(self, grid_thw: tuple[int, int, int]) -> int:
         """Bytes of the float32 ``pixel_values`` a processor makes for an image of this grid (3 channels)."""
@@ -83,6 +90,33 @@ class LayoutSpec:
         """A copy with some parameters changed, e.g. ``spec.replace(max_pixels=512 * 28 * 28)``."""
         return dataclasses.replace(self, **changes)
 
+
+class _SpecsByFingerprint:
+    """Specs whose fingerprint this process computed, so a drift error can name the producer's parameters.
+
+    Bounded (oldest forgotten first): a property test may build thousands of specs, a run
+    a handful. Thread-safe: the inference server checks refs from worker threads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._specs: dict[str, LayoutSpec] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def remember(self, fingerprint: str, spec: LayoutSpec) -> None:
+        with self._lock:
+            self._specs.pop(fingerprint, None)
+            self._specs[fingerprint] = spec
+            while len(self._specs) > self._limit:
+                del self._specs[next(iter(self._specs))]
+
+    def get(self, fingerprint: str) -> LayoutSpec | None:
+        with self._lock:
+            return self._specs.get(fingerprint)
+
+
+# 4096 specs of ~1 KB each: a few MB at most, far more distinct configs than one run has.
+_SEEN_SPECS = _SpecsByFingerprint(limit=4096)
 
 _QWEN2 = dict(resize="smart", patch_size=14, merge_size=2, temporal_patch_size=2,
               min_pixels=3136, max_pixels=12_845_056, image_mean=CLIP_MEAN, image_std=CLIP_STD)
@@ -109,6 +143,28 @@ def layout_spec(family: str, **overrides: Any) -> LayoutSpec:
     if unknown:
         raise LayoutError(f"unknown layout parameter(s) {sorted(unknown)} for family {family!r}")
     return spec.replace(**overrides) if overrides else spec
+
+
+def spec_for_fingerprint(fingerprint: str) -> LayoutSpec | None:
+    """The spec with this fingerprint: a published default, or one computed in this process; else None.
+
+    >>> spec_for_fingerprint(layout_spec("qwen2-vl", max_pixels=100_352).fingerprint).max_pixels
+    100352
+    """
+    for spec in DEFAULT_SPECS.values():
+        if spec.fingerprint == fingerprint:
+            return spec
+    return _SEEN_SPECS.get(fingerprint)
+
+
+def spec_differences(a: LayoutSpec, b: LayoutSpec) -> list[tuple[str, Any, Any]]:
+    """``(parameter, value in a, value in b)`` for every layout parameter where the specs differ.
+
+    >>> spec_differences(layout_spec("qwen2-vl"), layout_spec("qwen2-vl", merge_size=1))
+    [('merge_size', 2, 1)]
+    """
+    return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+            if getattr(a, f.name) != getattr(b, f.name)]
 
 
 def spec_from_image_processor(family: str, processor: Any) -> LayoutSpec:
