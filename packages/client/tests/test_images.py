@@ -99,3 +99,59 @@ def test_ref_missing_from_store_or_from_another_layout_is_refused(tmp_path):
         prepare_images([part], ImageStore(tmp_path / "b"), SPEC)
     with pytest.raises(ImageInputError, match="fingerprint"):
         prepare_images([part], ImageStore(tmp_path / "a"), layout_spec("qwen2-vl", max_pixels=64 * 64))
+
+
+def _store_contents(root) -> dict:
+    """Every file under the store root (temp files included) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _png_bytes(size, mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _url(data: bytes, media="image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+REFUSED = [
+    ("aspect ratio 201 (data URL)", lambda: _url(_png_bytes((201, 1))), "aspect ratio 201.0 > 200"),
+    ("aspect ratio 250, tall (data URL)", lambda: _url(_png_bytes((2, 500))), "aspect ratio 250.0 > 200"),
+    ("aspect ratio 300 (PIL image)", lambda: Image.new("RGB", (300, 1)), "aspect ratio 300.0 > 200"),
+    ("too many pixels", lambda: _url(_png_bytes((101, 100), mode="1")), "exceeds the limit of 10000"),
+    ("too many pixels (PIL image)", lambda: Image.new("1", (200, 60)), "exceeds the limit of 10000"),
+    ("corrupt header", lambda: _url(_png_bytes((40, 30))[:16] + b"\x00" * 40), "corrupt image/png header"),
+    ("not an image", lambda: _url(b"GIF89a" + b"\xff" * 10, media="image/png"), "bytes are image/gif"),
+    ("truncated magic", lambda: _url(b"\x89PNG\r\n"), "not a PNG, JPEG, WebP or GIF"),
+]
+
+
+@pytest.mark.parametrize("source,needle", [(s, n) for _, s, n in REFUSED], ids=[i for i, _, _ in REFUSED])
+def test_refused_image_leaves_the_store_exactly_as_before(tmp_path, source, needle):
+    from mmref.renderers.store import StoreLimits
+
+    root = tmp_path / "store"
+    store = ImageStore(root, StoreLimits(max_pixels=100 * 100))
+    prepare_images([{"type": "image_url", "image_url": {"url": png_url()}}], store, SPEC)  # one asset already there
+    before = _store_contents(root)
+    assert len(before) == 1
+    source = source()
+    part = {"type": "image", "image": source} if isinstance(source, Image.Image) else \
+        {"type": "image_url", "image_url": {"url": source}}
+    with pytest.raises(ImageInputError, match=needle):
+        prepare_images({"messages": [{"role": "user", "content": [part]}]}, store, SPEC)
+    assert _store_contents(root) == before
+
+
+def test_a_refused_image_in_a_body_stores_none_of_it_before_it(tmp_path):
+    # The first image is fine, the second refused: the fine one was stored (content-addressed, harmless),
+    # the refused one left nothing, and a retry without it dedups against what is there.
+    root = tmp_path / "store"
+    store = ImageStore(root)
+    body = [{"type": "image_url", "image_url": {"url": png_url()}},
+            {"type": "image_url", "image_url": {"url": _url(_png_bytes((1000, 4)))}}]
+    with pytest.raises(ImageInputError, match="aspect ratio 250.0 > 200"):
+        prepare_images(body, store, SPEC)
+    assert list(_store_contents(root)) == [parse_ref(prepare_images(body[:1], store, SPEC)[0][0]["image_url"]["url"]).asset]

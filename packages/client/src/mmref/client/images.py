@@ -9,7 +9,9 @@ part, OpenAI ``{"type": "image_url", "image_url": {"url": ...}}`` and HF
 It accepts ``data:image/...;base64,`` URLs, PIL images and refs already in the store (so it
 is idempotent). It refuses, with ``ImageInputError``: http(s) and file URLs (never
 fetched), local paths, malformed base64, unsupported media types, oversized images, and
-image parts without a proper ``image_url`` object. Messages never echo the payload.
+image parts without a proper ``image_url`` object, and sizes the layout cannot place
+(aspect ratio over 200): every refusal happens before the store write, so a refused
+image leaves nothing in the store. Messages never echo the payload.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from PIL import Image
 from mmref.client.errors import ImageInputError
 from mmref.renderers.contract import make_ref, verify_ref
 from mmref.renderers.errors import MMRefError
-from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.layout import LayoutSpec, describe_image
 from mmref.renderers.refs import is_ref_string, parse_ref
 from mmref.renderers.store import ImageStore
 
@@ -74,9 +76,13 @@ def _canonical(ref_string: str) -> dict:
 def _source(source: Any, store: ImageStore, spec: LayoutSpec, stats: PrepareStats, path: str) -> str:
     """The ref string of one image source (data URL, PIL image or existing ref)."""
     stats.images += 1
+
+    def placeable(width: int, height: int) -> None:  # the layout's refusals, before anything is written
+        describe_image(spec, width, height)
+
     try:
         if isinstance(source, Image.Image):
-            return _stored(store.put_image(source), spec, stats)
+            return _stored(store.put_image(source, accept=placeable), spec, stats)
         if not isinstance(source, str):
             raise ImageInputError(f"{path}: image must be a data URL, a PIL image or an mmref ref, got "
                                   f"{type(source).__name__}")
@@ -94,7 +100,7 @@ def _source(source: Any, store: ImageStore, spec: LayoutSpec, stats: PrepareStat
         if scheme != "data":
             raise ImageInputError(f"{path}: image looks like a local path or unknown scheme; send a "
                                   "data:image/...;base64 URL")
-        return _stored(store.put_data_url(source), spec, stats)
+        return _stored(store.put_data_url(source, accept=placeable), spec, stats)
     except ImageInputError:
         raise
     except MMRefError as exc:

@@ -11,7 +11,9 @@ nodes can share one store without rewriting refs.
     True
 
 Putting only reads the image header (its size), never decodes pixels: a 1080p PNG costs
-one sha256 and one write.
+one sha256 and one write. Every check runs before the write, including the caller's own
+(``accept``, e.g. the layout math refusing an aspect ratio over 200), so a refused image
+leaves nothing in the store.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import re
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,8 @@ from mmref.renderers.errors import (
 from mmref.renderers.refs import EXTENSIONS, RawImageRef, asset_name, check_asset
 
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,(.*)", re.DOTALL)
+# A caller's check of an image's (width, height), run before the write; raising refuses it.
+Accept = Callable[[int, int], object]
 _PIL_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
@@ -163,13 +168,19 @@ class ImageStore:
     def __repr__(self) -> str:
         return f"ImageStore({self.url!r})"
 
-    def put_bytes(self, data: bytes, media_type: str) -> StoredImage:
-        """Store encoded image bytes (atomic, idempotent) and return what a ref needs."""
+    def put_bytes(self, data: bytes, media_type: str, accept: Accept | None = None) -> StoredImage:
+        """Store encoded image bytes (atomic, idempotent) and return what a ref needs.
+
+        ``accept(width, height)`` (sizes from the header) runs after the store's own checks
+        and before the write; whatever it raises propagates and nothing is written.
+        """
         if media_type not in EXTENSIONS:
             raise InvalidImageError(f"unsupported media type {media_type!r}; supported: {sorted(EXTENSIONS)}")
         sha256 = hashlib.sha256(data).hexdigest()
         asset = asset_name(sha256, media_type)
         width, height = inspect_image(data, media_type, self.limits, f"asset {asset}")
+        if accept is not None:
+            accept(width, height)
         exists = self._exists(asset)
         if not exists:
             try:
@@ -179,16 +190,18 @@ class ImageStore:
                                       f"{exc}") from exc
         return StoredImage(asset, sha256, media_type, width, height, len(data), deduplicated=exists)
 
-    def put_image(self, image: Image.Image, format: str = "PNG") -> StoredImage:
-        """Encode a PIL image (PNG by default, lossless) and store it."""
+    def put_image(self, image: Image.Image, format: str = "PNG", accept: Accept | None = None) -> StoredImage:
+        """Encode a PIL image (PNG by default, lossless) and store it (``accept`` as in ``put_bytes``)."""
+        if accept is not None:
+            accept(*image.size)  # refuse before spending an encode
         buffer = io.BytesIO()
         image.save(buffer, format)
-        return self.put_bytes(buffer.getvalue(), _PIL_FORMATS[format.upper()])
+        return self.put_bytes(buffer.getvalue(), _PIL_FORMATS[format.upper()], accept)
 
-    def put_data_url(self, url: str) -> StoredImage:
-        """Store the image inside a ``data:image/...;base64,`` URL."""
+    def put_data_url(self, url: str, accept: Accept | None = None) -> StoredImage:
+        """Store the image inside a ``data:image/...;base64,`` URL (``accept`` as in ``put_bytes``)."""
         data, media_type = decode_data_url(url, self.limits.max_bytes)
-        return self.put_bytes(data, media_type)
+        return self.put_bytes(data, media_type, accept)
 
     def read(self, ref_or_asset: RawImageRef | str, sha256: str | None = None) -> bytes:
         """Bytes of an asset, verified against its sha256 (taken from the ref when given one)."""
