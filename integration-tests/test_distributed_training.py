@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import NamedTuple
 
 import pytest
@@ -131,6 +132,22 @@ def test_missing_image_on_rank_1_fails_both_ranks_naming_rank_1_and_the_asset(tm
     per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
     result, _, after_send = _run_job(tmp_path, store, per_rank)
     assert result.returncode != 0
-    assert "materialize failed on rank 1: MissingImageError" in result.output, result.output
+    assert "check and materialize failed on rank 1: MissingImageError" in result.output, result.output
     assert lost.asset in result.output
     assert after_send < 30  # from the step's arrival to every rank gone: fail-fast, never a timeout
+
+
+@pytest.mark.timeout(240)
+def test_a_shifted_slot_on_rank_1_fails_both_ranks_before_the_vision_tower_naming_row_and_asset(tmp_path):
+    store = ImageStore(tmp_path / "store")
+    micro_batches = _micro_batches(store)[:2]
+    row = micro_batches[1].rows[0]  # dealt to rank 1
+    shifted = replace(row, images=[row.images[0].shifted(1)])
+    micro_batches[1] = MicroBatch(0, [shifted])
+    per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
+    result, _, after_send = _run_job(tmp_path, store, per_rank)
+    assert result.returncode != 0
+    assert ("check and materialize failed on rank 1: SlotError: step 0 micro-batch 0 row 0: image slot 0"
+            in result.output), result.output
+    assert row.images[0].ref.asset in result.output
+    assert after_send < 30

@@ -61,7 +61,7 @@ def test_a_re_rendered_turn_starts_a_new_segment(ref):
 def test_slot_off_pad_tokens_is_a_trace_error(ref):
     fields = two_turns(ref)
     bad = fields["nodes"][0].model_copy(update={"images": [ImageSlot(ref=ref, offset=1, length=ref.num_tokens)]})
-    with pytest.raises(TraceError, match="node 0: image slot .* not wholly on image-pad tokens"):
+    with pytest.raises(TraceError, match="node 0 .*: image slot 0 .* not image pads"):
         Trace.build(**{**fields, "nodes": [bad, fields["nodes"][1]]})
 
 
@@ -74,7 +74,7 @@ def test_slots_must_match_image_parts_in_message_order(ref):
 def test_pad_in_completion_and_pixel_payloads_are_rejected(ref):
     fields = two_turns(ref)
     sampled_pad = fields["nodes"][0].model_copy(update={"completion_ids": [PAD, STOP, 1]})
-    with pytest.raises(TraceError, match="image-pad token 151655 inside the sampled completion"):
+    with pytest.raises(TraceError, match="image-pad tokens .* lie outside every image slot, first at position .* \\(a sampled token\\)"):
         Trace.build(**{**fields, "nodes": [sampled_pad, fields["nodes"][1]]})
     with pytest.raises(TraceError, match="pixel_values"):
         Trace.build(**{**fields, "messages": fields["messages"] + [{"role": "user", "pixel_values": [[0.0]]}]})
@@ -84,7 +84,7 @@ def test_round_trips_and_load_validation(ref):
     trace = Trace.build(**two_turns(ref))
     assert Trace.from_json(trace.to_json()) == trace and Trace.from_msgpack(trace.to_msgpack()) == trace
     tampered = trace.to_json().replace('"image_pad_id":151655', '"image_pad_id":151656')
-    with pytest.raises(TraceError, match="not wholly on image-pad tokens"):
+    with pytest.raises(TraceError, match="not image pads"):
         Trace.from_json(tampered)
 
 
@@ -94,7 +94,7 @@ def test_overlapping_or_unsorted_slots_are_trace_errors(ref):
     slot1, slot2 = second.images
     for images in ([slot2, slot1], [slot1, slot1]):
         bad = second.model_copy(update={"images": images})
-        with pytest.raises(TraceError, match="not sorted after, or overlaps, the previous slot"):
+        with pytest.raises(TraceError, match="must be sorted and disjoint"):
             Trace.build(**{**fields, "nodes": [fields["nodes"][0], bad]})
 
 

@@ -55,7 +55,8 @@ def test_end_group_kills_a_child_that_ignores_sigterm():
 
 def test_zero_loss_pad_keeps_tokens_and_images_but_drops_every_loss_token():
     row = PackedRow(family="qwen2-vl", token_ids=[1, 2, 3], loss_mask=[False, True, True], advantages=[0.0, 1.0, 1.0],
-                    inference_logprobs=[0.0, -1.0, -1.0], images=[], sample_lengths=[3], image_pad_id=151655)
+                    inference_logprobs=[0.0, -1.0, -1.0], images=[], sample_lengths=[3], image_pad_id=151655,
+                    sample_temperatures=[1.0])
     pad = zero_loss_pad(MicroBatch(3, [row]))
     assert pad.step == 3 and pad.rows[0].token_ids == [1, 2, 3]
     assert pad.num_loss_tokens == 0 and pad.rows[0].advantages == [0.0, 0.0, 0.0]

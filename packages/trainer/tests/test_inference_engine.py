@@ -22,13 +22,14 @@ def generate(app, ids, slots, **sampling):
     return asyncio.run(call())
 
 
-def teacher_forced(model, store, ids, slots, completion):
-    """The trainer's logprobs of ``completion`` after prompt ``ids`` (a teacher-forced forward)."""
+def teacher_forced(model, store, ids, slots, completion, temperature=1.0):
+    """The trainer's logprobs of ``completion`` after prompt ``ids`` sampled at ``temperature`` (teacher-forced)."""
     tokens = ids + completion
     n = len(tokens)
     refs = [parse_ref(s["ref"]) for s in slots]
     sample = TrainingSample(model.family, tokens, [i >= len(ids) for i in range(n)], [0.0] * n, [0.0] * n,
-                            [ImageSlot(ref=r, offset=s["offset"], length=s["length"]) for r, s in zip(refs, slots)], PAD)
+                            [ImageSlot(ref=r, offset=s["offset"], length=s["length"]) for r, s in zip(refs, slots)], PAD,
+                            temperature=temperature)
     row = Materializer(store, model.spec, model.processor).materialize(pack([sample], 10**6))[0]
     hf_model = model.engine.model
     with torch.no_grad():
@@ -38,15 +39,20 @@ def teacher_forced(model, store, ids, slots, completion):
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
-def test_engine_logprobs_equal_trainer_teacher_forced_forward(family):
+@pytest.mark.parametrize("temperature, top_p", [(0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (1.5, 1.0), (0.7, 0.8)])
+def test_engine_logprobs_equal_trainer_teacher_forced_forward(family, temperature, top_p):
+    """Both sides score under masked_log_softmax(logits / T), untruncated by top-p (mmref.trainer.logprobs)."""
     model = served(family)
     app, store = app_and_store(model)
     ids, slots = prompt_with_images(stored_refs(model, store, 2))
-    response = generate(app, ids, slots, max_tokens=6, n=2, seed=3)
+    response = generate(app, ids, slots, max_tokens=6, n=2, seed=3, temperature=temperature, top_p=top_p)
     assert response.status_code == 200, response.text
     for choice in response.json()["choices"]:
-        trainer = teacher_forced(model, store, ids, slots, choice["token_ids"])
+        trainer = teacher_forced(model, store, ids, slots, choice["token_ids"], temperature)
         assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+        if temperature != 1.0:  # the untempered score is far off: the check above can fail
+            untempered = teacher_forced(model, store, ids, slots, choice["token_ids"])
+            assert (untempered - torch.tensor(choice["logprobs"])).abs().max().item() > 1e-3
 
 
 def test_high_temperature_never_samples_image_tokens():

@@ -76,17 +76,17 @@ def test_slot_length_and_position_rules(setup):
     assert error["detail"]["expected"] == refs[0].num_tokens
     body = body_for(refs)
     body["images"][0]["offset"] -= 1
-    expect_400(app, body, "does not lie on image-pad tokens")
+    expect_400(app, body, "covers 1 token(s) that are not image pads")
 
 
 def test_pad_tokens_without_a_slot_are_refused(setup):
     _, app, _, refs = setup
     body = body_for(refs)
     body["images"] = body["images"][:1]
-    expect_400(app, body, "every pad token needs an image slot")
+    expect_400(app, body, "image-pad tokens (id 151655) lie outside every image slot")
     body = body_for([])
     body["token_ids"] = body["token_ids"] + [PAD]
-    expect_400(app, body, "prompt holds 1 image-pad tokens")
+    expect_400(app, body, "1 image-pad tokens (id 151655) lie outside every image slot")
 
 
 def test_bytes_that_do_not_hash_to_the_ref_are_refused(setup):

@@ -70,7 +70,7 @@ def test_text_position_row_restarts_per_sample(store):
 
 
 def _row(length: int) -> PackedRow:
-    return PackedRow("qwen2-vl", [1] * length, [True] * length, [0.0] * length, [0.0] * length, [], [length], PAD)
+    return PackedRow("qwen2-vl", [1] * length, [True] * length, [0.0] * length, [0.0] * length, [], [length], PAD, [1.0])
 
 
 @settings(max_examples=200, deadline=None)

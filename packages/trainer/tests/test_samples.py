@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from mmref.renderers import ImageStore
+from mmref.renderers.errors import SlotError
 from mmref.trainer.errors import SampleError
 from mmref.trainer.samples import TrainingSample, group_advantages
 from trainer_cases import PAD, make_sample
@@ -31,22 +32,22 @@ def test_mm_token_type_ids_mark_exactly_the_slots(store):
 def test_slots_must_lie_on_pad_tokens(store):
     sample = make_sample(store, "qwen2-vl", 3, [(0, (64, 48))], 2)
     shifted = [sample.images[0].shifted(1)]
-    with pytest.raises(SampleError, match="non-pad tokens"):
+    with pytest.raises(SlotError, match="training sample: image slot 0 .* not image pads"):
         rebuild(sample, images=shifted)
 
 
 def test_every_pad_needs_a_slot_and_slots_stay_in_range(store):
     sample = make_sample(store, "qwen2-vl", 3, [(0, (64, 48))], 2)
-    with pytest.raises(SampleError, match="every pad needs a slot"):
+    with pytest.raises(SlotError, match="lie outside every image slot"):
         rebuild(sample, images=[])
-    with pytest.raises(SampleError, match="runs past"):
+    with pytest.raises(SlotError, match="runs past"):
         rebuild(sample, token_ids=sample.token_ids[:6], loss_mask=sample.loss_mask[:6],
                 advantages=sample.advantages[:6], inference_logprobs=sample.inference_logprobs[:6])
 
 
 def test_overlapping_or_unsorted_slots_are_rejected(store):
     sample = make_sample(store, "qwen2-vl", 3, [(0, (64, 48)), (1, (64, 48))], 2)
-    with pytest.raises(SampleError, match="overlaps or precedes"):
+    with pytest.raises(SlotError, match="must be sorted and disjoint"):
         rebuild(sample, images=list(reversed(sample.images)))
 
 
@@ -67,11 +68,12 @@ def test_from_segment_uses_sampled_mask_for_loss_advantage_and_logprobs(store):
         logprobs: list
         images: list
         weight_version: int = 3
+        temperature: float = 0.7
 
     n = len(base)
     segment = Segment("qwen2-vl", base.token_ids, [i >= n - 2 for i in range(n)], [-0.5] * n, base.images)
     sample = TrainingSample.from_segment(segment, advantage=1.5, image_pad_id=PAD)
-    assert sample.loss_mask == segment.sampled_mask and sample.weight_version == 3
+    assert sample.loss_mask == segment.sampled_mask and sample.weight_version == 3 and sample.temperature == 0.7
     assert sample.advantages[-2:] == [1.5, 1.5] and set(sample.advantages[:-2]) == {0.0}
     assert sample.inference_logprobs[-1] == -0.5 and sample.inference_logprobs[0] == 0.0
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmref.renderers import ImageStore
+from mmref.renderers.errors import SlotError
 from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta, save_checkpoint
 from mmref.trainer.errors import ImageTokenMismatchError
 from mmref.trainer.forward import forward_row
@@ -130,3 +131,41 @@ def test_combined_rank_metrics_average_loss_weight_per_token_means_and_add_count
     assert combined.entropy == (3.0 * 30 + 1.0 * 10) / 40
     assert combined.clip_fraction == pytest.approx(combined.entropy / 10)
     assert (combined.loss_tokens, combined.images_processed, combined.forward_s) == (40, 3, 0.7)
+
+
+def _corrupt(row, kind: str):
+    """``row`` with one slot fault: a pad outside every slot, a pad missing from a slot, or a shifted slot."""
+    ids, slot = list(row.token_ids), row.images[0]
+    if kind == "stray pad":
+        ids[1] = PAD
+    elif kind == "missing pad":
+        ids[slot.offset + 1] = 7
+    else:
+        return dataclasses.replace(row, images=[slot.shifted(1), *row.images[1:]])
+    return dataclasses.replace(row, token_ids=ids)
+
+
+@pytest.mark.parametrize("path", ["in-process", "after the wire"])
+@pytest.mark.parametrize("kind", ["stray pad", "missing pad", "shifted slot"])
+def test_slot_faults_fail_naming_row_and_asset_before_the_vision_tower(store, kind, path):
+    samples = [make_sample(store, "qwen2-vl", 3, [(i, (64, 48))], 2, sampled=2, advantage=1.0) for i in range(2)]
+    rows = pack(samples, len(samples[0]))  # one sample per row
+    bad = MicroBatch(4, [rows[0], _corrupt(rows[1], kind)])
+    trainer = trainer_for("qwen2-vl", store)
+    calls = []
+    trainer.model.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(SlotError, match=rf"step 4 micro-batch 0 row 1: .*{rows[1].images[0].ref.asset}"):
+        if path == "in-process":
+            trainer.step([bad])
+        else:  # what a rank does with what it receives
+            trainer.prepare([MicroBatch.from_wire(bad.to_wire())])
+    assert calls == [] and trainer.materializer.stats.images_processed == 0
+
+
+def test_the_forward_reads_input_ids_not_the_slots(store):
+    sample = make_sample(store, "qwen2-vl", 3, [(1, (64, 48))], 2)
+    batch = materialized(store, sample)
+    stray = batch.input_ids.clone()
+    stray[0, 0] = PAD
+    with pytest.raises(SlotError, match="trainer forward, row: 1 image-pad tokens .* outside every image slot"):
+        forward_row(build_tiny_model("qwen2-vl"), dataclasses.replace(batch, input_ids=stray), None, IMAGE_TOKENS, 2)

@@ -45,7 +45,7 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
         nodes.append(TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
                                completion_logprobs=completion.logprobs, images=rendered.images,
                                num_messages=len(messages), finish_reason=completion.finish_reason,
-                               weight_version=result.weight_version))
+                               weight_version=result.weight_version, temperature=sampling.temperature))
         parsed = renderer.parse_response(completion.token_ids)
         new_messages, reward, done = env.step(parsed.content)
         messages = messages + [{"role": "assistant", "content": parsed.content}]

@@ -10,7 +10,7 @@ and the prompt's image slots. Invariants (checked by ``Trace`` itself):
 
 ``segments()`` turns the nodes into what a trainer learns from: one sequence for a fully
 bridged rollout (each prompt extends the previous prompt + completion), a new one where a
-turn was re-rendered.
+turn was re-rendered or sampled at another temperature (a segment carries one).
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmref.client.errors import TraceError
-from mmref.renderers.errors import RefError
-from mmref.renderers.refs import ImageSlot, is_ref_string, reject_pixel_payload
+from mmref.renderers.errors import RefError, SlotError
+from mmref.renderers.refs import ImageSlot, check_slots, is_ref_string, reject_pixel_payload
 
 
 @dataclass(frozen=True)
 class TraceSegment:
-    """One contiguous token sequence a trainer can learn from (logprobs 0.0 where not sampled)."""
+    """One contiguous token sequence a trainer can learn from (logprobs 0.0 where not sampled).
+
+    ``temperature`` is the sampling temperature of every sampled token in it: the engine's
+    logprobs are of ``logits / temperature``, and the trainer must score them alike.
+    """
 
     family: str
     token_ids: list[int]
@@ -37,6 +41,7 @@ class TraceSegment:
     logprobs: list[float]
     images: list[ImageSlot]
     weight_version: int | None = None
+    temperature: float = 1.0
 
 
 class TraceNode(BaseModel):
@@ -51,6 +56,7 @@ class TraceNode(BaseModel):
     num_messages: int = Field(ge=0)  # how many of the trace's messages this prompt rendered
     finish_reason: str = "stop"
     weight_version: int | None = None
+    temperature: float = Field(1.0, ge=0)  # of the request; its logprobs are of logits / temperature
 
     @model_validator(mode="after")
     def _aligned(self) -> TraceNode:
@@ -82,7 +88,12 @@ class Trace(BaseModel):
             raise ValueError(str(exc)) from None
         image_urls = _image_refs_in_order(self.messages)
         for index, node in enumerate(self.nodes):
-            _check_slots(node, index, self.image_pad_id)
+            try:
+                check_slots(node.prompt_ids + node.completion_ids, node.images, self.image_pad_id,
+                            sampled=[False] * len(node.prompt_ids) + [True] * len(node.completion_ids),
+                            where=f"node {index} (prompt + completion)")
+            except SlotError as exc:
+                raise ValueError(str(exc)) from None
             expected = image_urls[: _count_images(self.messages[: node.num_messages])]
             actual = [s.ref.encode() for s in node.images]
             if actual != expected:
@@ -150,6 +161,8 @@ class Trace(BaseModel):
         return len(node.completion_ids)
 
     def _extends(self, previous: TraceNode, node: TraceNode) -> bool:
+        if node.temperature != previous.temperature:
+            return False
         kept = previous.prompt_ids + previous.completion_ids[: self._kept_completion(previous)]
         return node.prompt_ids[: len(kept)] == kept
 
@@ -157,7 +170,8 @@ class Trace(BaseModel):
         n = len(node.prompt_ids)
         return TraceSegment(self.family, node.prompt_ids + node.completion_ids,
                             [False] * n + [True] * len(node.completion_ids),
-                            [0.0] * n + list(node.completion_logprobs), list(node.images), node.weight_version)
+                            [0.0] * n + list(node.completion_logprobs), list(node.images), node.weight_version,
+                            node.temperature)
 
     def _extend(self, segment: TraceSegment, previous: TraceNode, node: TraceNode) -> TraceSegment:
         # The previous prompt and completion (through its stop) lie in this prompt verbatim:
@@ -168,25 +182,8 @@ class Trace(BaseModel):
             self.family, node.prompt_ids + node.completion_ids,
             segment.sampled_mask[:kept] + [False] * context + [True] * len(node.completion_ids),
             segment.logprobs[:kept] + [0.0] * context + list(node.completion_logprobs),
-            list(node.images), node.weight_version,
+            list(node.images), node.weight_version, node.temperature,
         )
-
-
-def _check_slots(node: TraceNode, index: int, pad: int) -> None:
-    previous_end = 0
-    for slot in node.images:
-        span = node.prompt_ids[slot.offset:slot.end]
-        where = f"node {index}: image slot [{slot.offset}, {slot.end}) ({slot.ref.describe()})"
-        if slot.offset < previous_end:
-            raise ValueError(f"{where} is not sorted after, or overlaps, the previous slot ending at {previous_end}")
-        if slot.end > len(node.prompt_ids) or any(t != pad for t in span):
-            raise ValueError(f"{where} is not wholly on image-pad tokens (id {pad})")
-        previous_end = slot.end
-    pads = sum(1 for t in node.prompt_ids if t == pad)
-    if pads != sum(s.length for s in node.images):
-        raise ValueError(f"node {index}: {pads} image-pad tokens but slots cover {sum(s.length for s in node.images)}")
-    if pad in node.completion_ids:
-        raise ValueError(f"node {index}: image-pad token {pad} inside the sampled completion")
 
 
 def _image_refs_in_order(messages: list[dict[str, Any]]) -> list[str]:

@@ -9,6 +9,7 @@ Each also subclasses the built-in type a caller would reach for (``ValueError``,
      ├── ContractMismatchError (ValueError) a ref disagrees with the consumer's own config
      ├── LayoutError (ValueError)         an image size the layout math cannot place
      ├── RenderError (ValueError)         messages a renderer cannot turn into tokens
+     ├── SlotError (ValueError)           image slots that are not exactly a sequence's image-pad runs
      └── StoreError
           ├── InvalidImageError (ValueError)     bad data URL, media type, corrupt/oversized image
           ├── AssetNotFoundError (FileNotFoundError)
@@ -37,6 +38,10 @@ class LayoutError(MMRefError, ValueError):
 
 class RenderError(MMRefError, ValueError):
     """Messages that a renderer cannot turn into token ids."""
+
+
+class SlotError(MMRefError, ValueError):
+    """Image slots that do not lie exactly on a token sequence's image-pad runs (``refs.check_slots``)."""
 
 
 class StoreError(MMRefError):

@@ -18,12 +18,12 @@ import binascii
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_serializer, field_validator, model_validator
 
-from mmref.renderers.errors import RefError
+from mmref.renderers.errors import RefError, SlotError
 
 CONTRACT_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -250,3 +250,61 @@ class ImageSlot(BaseModel):
     def shifted(self, delta: int) -> ImageSlot:
         """The same image moved by ``delta`` tokens (used when sequences are concatenated)."""
         return ImageSlot(ref=self.ref, offset=self.offset + delta, length=self.length)
+
+
+def check_slots(token_ids: Sequence[int], slots: Sequence[ImageSlot], image_pad_id: int, *,
+                sampled: Sequence[bool] | None = None, where: str = "sequence") -> None:
+    """Raise ``SlotError`` unless ``slots`` are exactly the image-pad runs of ``token_ids``.
+
+    The one home of the slot invariant; the trace, training samples, the inference server
+    and every trainer rank call it. It holds when
+
+    - slots are sorted and disjoint, and each lies inside the sequence;
+    - each slot is one whole run of ``image_pad_id`` tokens of ``ref.num_tokens`` (a pad just
+      before or after it would make the run longer: a shifted slot);
+    - no image-pad token lies outside a slot;
+    - no slot covers a sampled token (``sampled``: True on completion tokens).
+
+    >>> check_slots([7, 9, 9, 8], [], image_pad_id=9)
+    Traceback (most recent call last):
+    mmref.renderers.errors.SlotError: sequence: 2 image-pad tokens (id 9) lie outside every image slot, first at position 1; the sequence's images: none
+    """
+    ids = token_ids if isinstance(token_ids, list) else list(token_ids)
+    previous_end = 0
+    for index, slot in enumerate(slots):
+        at = f"{where}: image slot {index} [{slot.offset}, {slot.end}) ({slot.ref.describe()})"
+        if slot.offset < previous_end:
+            raise SlotError(f"{at} starts before the previous slot ends at {previous_end}: slots must be sorted "
+                            "and disjoint")
+        if slot.end > len(ids):
+            raise SlotError(f"{at} runs past the end of the {len(ids)}-token sequence")
+        pads = ids[slot.offset:slot.end].count(image_pad_id)
+        if pads != slot.length:
+            raise SlotError(f"{at} covers {slot.length - pads} token(s) that are not image pads (id {image_pad_id}); "
+                            f"expected {slot.length} pads")
+        if (slot.offset > 0 and ids[slot.offset - 1] == image_pad_id) or (slot.end < len(ids) and ids[slot.end] == image_pad_id):
+            raise SlotError(f"{at} is not a whole run of image pads (id {image_pad_id}): the run continues past the "
+                            "slot, which is shifted or has the wrong length")
+        if sampled is not None and any(sampled[slot.offset:slot.end]):
+            raise SlotError(f"{at} covers sampled (completion) tokens; image pads are never sampled")
+        previous_end = slot.end
+    outside = ids.count(image_pad_id) - sum(slot.length for slot in slots)
+    if outside:
+        inside = set().union(*(range(s.offset, s.end) for s in slots)) if slots else set()
+        first = next(i for i, t in enumerate(ids) if t == image_pad_id and i not in inside)
+        kind = " (a sampled token)" if sampled is not None and sampled[first] else ""
+        images = ", ".join(slot.ref.asset for slot in slots[:4]) + (", ..." if len(slots) > 4 else "") or "none"
+        raise SlotError(f"{where}: {outside} image-pad tokens (id {image_pad_id}) lie outside every image slot, "
+                        f"first at position {first}{kind}; the sequence's images: {images}")
+
+
+def token_types(length: int, slots: Sequence[ImageSlot]) -> list[int]:
+    """``mm_token_type_ids`` of a sequence: 1 inside image slots, 0 elsewhere.
+
+    >>> token_types(4, [])
+    [0, 0, 0, 0]
+    """
+    types = [0] * length
+    for slot in slots:
+        types[slot.offset:slot.end] = [1] * slot.length
+    return types

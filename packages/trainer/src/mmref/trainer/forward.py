@@ -1,14 +1,17 @@
 """The model on one materialized packed row, with the checks that run before the vision tower.
 
-Checks, before any compute:
+Checks, before any compute, on the row's actual ``input_ids``:
+- the slots are exactly the image-pad runs (``mmref.renderers.refs.check_slots``: a stray,
+  missing or shifted pad is a ``SlotError`` naming the row and the asset);
 - image-pad tokens == features the grids will produce (``t*h*w / merge**2`` summed), else
   ``ImageTokenMismatchError`` naming the token id, both counts and the assets;
 - no image special token among the sampled (loss) tokens: the engine never samples them,
   so one there means a corrupted trace. ``sampled_image_tokens="error"`` raises,
   ``"mask"`` drops those tokens from the loss and counts them.
 
-Logprobs use the engine's image-special-token mask (``mmref.trainer.logprobs``), so
-trainer and inference logprobs are comparable token for token.
+Logprobs use the engine's image-special-token mask and each sample's sampling temperature
+(``mmref.trainer.logprobs``), so trainer and inference logprobs are comparable token for
+token; entropy is of the same tempered distribution.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Literal
 
 import torch
 
+from mmref.renderers.refs import check_slots
 from mmref.trainer.errors import ImageTokenMismatchError
-from mmref.trainer.logprobs import masked_log_softmax
+from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
 from mmref.trainer.materialize import MaterializedRow
 from mmref.trainer.pack import RopeIndex, row_position_ids
 from mmref.trainer.vision_once import vision_once
@@ -40,17 +44,26 @@ class RowOutput:
     masked_sampled_image_tokens: int
 
 
-def check_image_tokens(batch: MaterializedRow, merge_size: int) -> None:
-    """Raise unless the row's pad tokens equal the features its grids produce."""
-    pads = int(batch.mm_token_type_ids.sum())
+def check_image_tokens(batch: MaterializedRow, merge_size: int, where: str = "row") -> None:
+    """Raise unless the row's ``input_ids`` hold its slots' pads exactly and they match the grids' features."""
+    row = batch.row
+    ids = batch.input_ids[0].tolist()
+    check_slots(ids, row.images, row.image_pad_id, where=f"trainer forward, {where}")
+    pads = ids.count(row.image_pad_id)
     grids = batch.image_grid_thw
     features = int((grids.prod(dim=1) // merge_size**2).sum()) if grids is not None else 0
     if pads != features:
-        assets = ", ".join(s.ref.asset for s in batch.row.images) or "none"
+        assets = ", ".join(s.ref.asset for s in row.images) or "none"
         raise ImageTokenMismatchError(
-            f"trainer forward: {pads} image-pad tokens (id {batch.row.image_pad_id}) but the image grids produce "
-            f"{features} features; assets: {assets}"
+            f"trainer forward, {where}: {pads} image-pad tokens (id {row.image_pad_id}) but the image grids "
+            f"produce {features} features; assets: {assets}"
         )
+
+
+def position_scales(row_lengths: list[int], temperatures: list[float]) -> torch.Tensor:
+    """(L,) the logit divisor at each position of a packed row: its sample's ``logprob_scale``."""
+    scales = torch.tensor([logprob_scale(t) for t in temperatures], dtype=torch.float32)
+    return torch.repeat_interleave(scales, torch.tensor(row_lengths))
 
 
 def sampled_image_token_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor, image_token_ids: Iterable[int]) -> torch.Tensor:
@@ -66,20 +79,20 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex, image_token_ids: Iterable[int],
                 merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error",
-                positions: Literal["loss", "all"] = "loss") -> RowOutput:
-    """Run the model on a packed row; per-token logprobs and entropy under the image-token mask.
+                positions: Literal["loss", "all"] = "loss", where: str = "row") -> RowOutput:
+    """Run the model on a packed row; per-token logprobs and entropy at each sample's temperature.
 
     ``positions="loss"`` computes them only where the loss needs them (0 elsewhere): the full
     (L, vocab) float32 softmax of a 4k-token row over Qwen's 152k vocab is 2.5 GB per copy.
     """
     image_token_ids = frozenset(image_token_ids)
-    check_image_tokens(batch, merge_size)
+    check_image_tokens(batch, merge_size, where)
     loss_mask = batch.loss_mask.clone()
     bad = sampled_image_token_mask(batch.input_ids, loss_mask, image_token_ids)
     if bad.any():
         if sampled_image_tokens == "error":
             positions = bad.nonzero().flatten().tolist()[:8]
-            raise ImageTokenMismatchError(f"trainer forward: image special tokens inside sampled completions at "
+            raise ImageTokenMismatchError(f"trainer forward, {where}: image special tokens inside sampled completions at "
                                           f"positions {positions}; the inference engine must mask them")
         loss_mask &= ~bad
     device = next(model.parameters()).device
@@ -95,7 +108,8 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
     with images:
         logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, logits_to_keep=index,
                        mm_token_type_ids=batch.mm_token_type_ids.to(device), use_cache=False, **kwargs).logits[0]
-    logp = masked_log_softmax(logits, image_token_ids)  # (K, V)
+    scales = position_scales(batch.row.sample_lengths, batch.row.sample_temperatures)[:-1].to(device)  # (L-1,)
+    logp = masked_log_softmax(logits / scales[index, None], image_token_ids)  # (K, V)
     probs = logp.exp()
     token_logp = torch.zeros(targets.shape, dtype=logp.dtype, device=device)
     entropy = torch.zeros_like(token_logp)

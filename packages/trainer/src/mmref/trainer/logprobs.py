@@ -5,6 +5,13 @@ start/end, ...): a sampled pad fed back into the next turn would break the promp
 "image features and image tokens do not match". It removes them from the distribution
 before sampling and reports logprobs under that same renormalized distribution; the
 trainer calls the same function so its logprobs are comparable token for token.
+
+Temperature: both sides score a token under ``masked_log_softmax(logits / T)`` with ``T`` the
+temperature of the request that sampled it (``logprob_scale``: 1 for greedy, T = 0). Under
+``top_p < 1`` the engine samples from the nucleus of that distribution, but both sides
+report and train on the *untruncated* tempered distribution: the nucleus depends on the
+whole vocabulary's order and would make the trainer's ratio undefined for tokens the
+trainer's nucleus drops. The importance ratio is therefore against the tempered policy.
 """
 
 from __future__ import annotations
@@ -12,6 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+
+def logprob_scale(temperature: float) -> float:
+    """The divisor of the logits whose softmax is reported for a request: ``T``, or 1 when greedy."""
+    return temperature if temperature > 0 else 1.0
 
 
 def masked_log_softmax(logits: torch.Tensor, banned_token_ids: Iterable[int]) -> torch.Tensor:

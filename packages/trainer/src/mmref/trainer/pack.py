@@ -18,14 +18,18 @@ from dataclasses import dataclass
 
 import torch
 
-from mmref.renderers.refs import ImageSlot
+from mmref.renderers.refs import ImageSlot, token_types
 from mmref.trainer.errors import PackingError
-from mmref.trainer.samples import TrainingSample, token_types
+from mmref.trainer.samples import TrainingSample
 
 
 @dataclass(frozen=True)
 class PackedRow:
-    """Samples laid end to end; ``sample_lengths`` marks the boundaries."""
+    """Samples laid end to end; ``sample_lengths`` marks the boundaries.
+
+    ``sample_temperatures`` holds each sample's sampling temperature: its tokens are scored
+    under ``logits / T`` as the engine reported them.
+    """
 
     family: str
     token_ids: list[int]
@@ -35,6 +39,7 @@ class PackedRow:
     images: list[ImageSlot]
     sample_lengths: list[int]
     image_pad_id: int
+    sample_temperatures: list[float]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -48,7 +53,8 @@ class PackedRow:
         return {"family": self.family, "token_ids": self.token_ids, "loss_mask": self.loss_mask,
                 "advantages": self.advantages, "inference_logprobs": self.inference_logprobs,
                 "images": [s.model_dump(mode="json") for s in self.images],
-                "sample_lengths": self.sample_lengths, "image_pad_id": self.image_pad_id}
+                "sample_lengths": self.sample_lengths, "image_pad_id": self.image_pad_id,
+                "sample_temperatures": self.sample_temperatures}
 
     @classmethod
     def from_wire(cls, data: dict) -> PackedRow:
@@ -91,7 +97,8 @@ def truncate(sample: TrainingSample, max_len: int) -> TrainingSample:
     return TrainingSample(
         family=sample.family, token_ids=sample.token_ids[:cut], loss_mask=sample.loss_mask[:cut],
         advantages=sample.advantages[:cut], inference_logprobs=sample.inference_logprobs[:cut], images=kept,
-        image_pad_id=sample.image_pad_id, weight_version=sample.weight_version, meta=sample.meta,
+        image_pad_id=sample.image_pad_id, weight_version=sample.weight_version, temperature=sample.temperature,
+        meta=sample.meta,
     )
 
 
@@ -112,7 +119,7 @@ def pack(samples: Sequence[TrainingSample], max_seq_len: int) -> list[PackedRow]
 
 
 def _concat(members: list[TrainingSample]) -> PackedRow:
-    row = PackedRow(members[0].family, [], [], [], [], [], [], members[0].image_pad_id)
+    row = PackedRow(members[0].family, [], [], [], [], [], [], members[0].image_pad_id, [])
     for sample in members:
         offset = len(row.token_ids)
         row.token_ids.extend(sample.token_ids)
@@ -121,6 +128,7 @@ def _concat(members: list[TrainingSample]) -> PackedRow:
         row.inference_logprobs.extend(sample.inference_logprobs)
         row.images.extend(slot.shifted(offset) for slot in sample.images)
         row.sample_lengths.append(len(sample))
+        row.sample_temperatures.append(sample.temperature)
     return row
 
 

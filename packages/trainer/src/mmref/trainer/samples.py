@@ -2,9 +2,9 @@
 
     TrainingSample.from_segment(segment, advantage=0.7, image_pad_id=151655)
 
-A sample is validated when built: the per-token lists agree in length, image slots are
-sorted, non-overlapping, inside the sequence and wholly on image-pad tokens, and no
-image-pad token sits outside a slot.
+A sample is validated when built: the per-token lists agree in length and the image slots
+are exactly the sequence's image-pad runs, none on a sampled token
+(``mmref.renderers.refs.check_slots``, the invariant every stage checks).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmref.renderers.refs import ImageSlot
+from mmref.renderers.refs import ImageSlot, check_slots, token_types
 from mmref.trainer.errors import SampleError
 
 
@@ -25,6 +25,8 @@ class TrainingSample:
     loss_mask:          True on sampled tokens (the only ones with a policy-gradient term)
     advantages:         per token (the sample's advantage on sampled tokens, else 0)
     inference_logprobs: per token (engine logprobs on sampled tokens, else 0)
+    temperature:        the sampling temperature of the request that produced the sampled
+                        tokens; the trainer scores them under the same ``logits / T``
     """
 
     family: str
@@ -35,6 +37,7 @@ class TrainingSample:
     images: list[ImageSlot]
     image_pad_id: int
     weight_version: int | None = None
+    temperature: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -42,7 +45,7 @@ class TrainingSample:
         for name in ("loss_mask", "advantages", "inference_logprobs"):
             if len(getattr(self, name)) != n:
                 raise SampleError(f"{name} has {len(getattr(self, name))} entries for {n} tokens")
-        check_slots(self.token_ids, self.images, self.image_pad_id)
+        check_slots(self.token_ids, self.images, self.image_pad_id, sampled=self.loss_mask, where="training sample")
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -61,35 +64,8 @@ class TrainingSample:
             advantages=[advantage if m else 0.0 for m in mask],
             inference_logprobs=[float(lp) if m else 0.0 for lp, m in zip(segment.logprobs, mask)],
             images=list(segment.images), image_pad_id=image_pad_id,
-            weight_version=getattr(segment, "weight_version", None),
+            weight_version=segment.weight_version, temperature=segment.temperature,
         )
-
-
-def token_types(length: int, images: Sequence[ImageSlot]) -> list[int]:
-    """``mm_token_type_ids`` of a sequence: 1 inside image slots, 0 elsewhere."""
-    types = [0] * length
-    for slot in images:
-        types[slot.offset:slot.end] = [1] * slot.length
-    return types
-
-
-def check_slots(token_ids: Sequence[int], images: Sequence[ImageSlot], image_pad_id: int) -> None:
-    """Raise ``SampleError`` unless slots are sorted, disjoint, in range and cover every pad token."""
-    previous_end = 0
-    for slot in images:
-        if slot.offset < previous_end:
-            raise SampleError(f"image slot at {slot.offset} overlaps or precedes the previous one ({slot.ref.describe()})")
-        if slot.end > len(token_ids):
-            raise SampleError(f"image slot [{slot.offset}, {slot.end}) runs past {len(token_ids)} tokens ({slot.ref.describe()})")
-        wrong = [i for i in range(slot.offset, slot.end) if token_ids[i] != image_pad_id]
-        if wrong:
-            raise SampleError(f"image slot [{slot.offset}, {slot.end}) has non-pad tokens at {wrong[:5]} "
-                              f"({slot.ref.describe()})")
-        previous_end = slot.end
-    covered = sum(s.length for s in images)
-    pads = sum(1 for t in token_ids if t == image_pad_id)
-    if pads != covered:
-        raise SampleError(f"{pads} image-pad tokens but image slots cover {covered}; every pad needs a slot")
 
 
 def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:

@@ -2,6 +2,11 @@
 
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=TrainConfig())
     metrics = trainer.step([micro_batch])
+    # or check and load pixels first (ranks do, inside fail_fast), then step on what that made:
+    metrics = trainer.step(trainer.prepare([micro_batch]))
+
+Pixels are materialized once per step: every unique image of all the step's micro-batches
+is read, processed and moved to the device once.
 
 The loss is a token-level mean over every loss token of the step (``normalizer``; under
 data parallelism the caller passes the global count so every rank scales alike).
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.refs import check_slots
 from mmref.renderers.store import ImageStore
 from mmref.trainer.forward import RowOutput, forward_row
 from mmref.trainer.loss import policy_loss
@@ -70,6 +76,18 @@ class StepMetrics:
         )
 
 
+@dataclass(frozen=True)
+class PreparedStep:
+    """A step's rows, checked and materialized (pixels on the device), with what it cost."""
+
+    micro_batches: list[MicroBatch]
+    rows: list[MaterializedRow]  # every row of every micro-batch, in order
+    labels: list[str]            # "step S micro-batch M row R" per row, for errors
+    seconds: float
+    images_processed: int
+    missing_images: int
+
+
 class PolicyTrainer:
     """Model + optimizer + materializer; ``step`` does materialize -> forward -> loss -> update."""
 
@@ -82,52 +100,61 @@ class PolicyTrainer:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.rope_index = _rope_index_of(model)
 
-    def forward(self, batch: MaterializedRow) -> RowOutput:
-        return forward_row(self.model, batch, self.rope_index, self.image_token_ids, self.spec.merge_size)
+    def forward(self, batch: MaterializedRow, where: str = "row") -> RowOutput:
+        return forward_row(self.model, batch, self.rope_index, self.image_token_ids, self.spec.merge_size, where=where)
 
-    def step(self, micro_batches: Sequence[MicroBatch], normalizer: int | None = None) -> StepMetrics:
-        """One optimizer step over ``micro_batches`` (gradients accumulated across them)."""
+    def prepare(self, micro_batches: Sequence[MicroBatch]) -> PreparedStep:
+        """Check every row's slots against its token ids, then materialize the whole step at once."""
+        labels = [f"step {mb.step} micro-batch {m} row {r}" for m, mb in enumerate(micro_batches)
+                  for r in range(len(mb.rows))]
+        rows = [row for mb in micro_batches for row in mb.rows]
+        for row, label in zip(rows, labels):
+            check_slots(row.token_ids, row.images, row.image_pad_id, where=label)
+        stats = self.materializer.stats
+        before = (stats.images_processed, stats.missing_images)
+        start = time.perf_counter()
+        materialized = self.materializer.materialize(rows)
+        return PreparedStep(list(micro_batches), materialized, labels, time.perf_counter() - start,
+                            stats.images_processed - before[0], stats.missing_images - before[1])
+
+    def step(self, batches: Sequence[MicroBatch] | PreparedStep, normalizer: int | None = None) -> StepMetrics:
+        """One optimizer step over a step's micro-batches (gradients accumulated over every row)."""
+        prepared = batches if isinstance(batches, PreparedStep) else self.prepare(batches)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        normalizer = normalizer or max(1, sum(mb.num_loss_tokens for mb in micro_batches))
-        times = dict(materialize=0.0, forward=0.0, backward=0.0)
+        normalizer = normalizer or max(1, sum(mb.num_loss_tokens for mb in prepared.micro_batches))
+        times = dict(forward=0.0, backward=0.0)
         sums = dict(loss=0.0, entropy=0.0, clipped=0, mismatch=0.0, tokens=0, masked=0)
-        before = (self.materializer.stats.images_processed, self.materializer.stats.missing_images)
-        for micro_batch in micro_batches:
+        for batch, label in zip(prepared.rows, prepared.labels):
             start = time.perf_counter()
-            rows = self.materializer.materialize(micro_batch.rows)
-            times["materialize"] += time.perf_counter() - start
-            for batch in rows:
-                start = time.perf_counter()
-                out = self.forward(batch)
-                device = out.logprobs.device
-                row = batch.row
-                result = policy_loss(
-                    out.logprobs, torch.tensor(row.inference_logprobs[1:], device=device),
-                    torch.tensor(row.advantages[1:], device=device), out.loss_mask, out.entropy,
-                    self.config.clip_low, self.config.clip_high, entropy_coef=self.config.entropy_coef,
-                )
-                times["forward"] += time.perf_counter() - start
-                start = time.perf_counter()
-                (result.loss_sum / normalizer).backward()
-                times["backward"] += time.perf_counter() - start
-                sums["loss"] += float(result.loss_sum.detach())
-                sums["entropy"] += result.entropy_sum
-                sums["clipped"] += result.clipped
-                sums["mismatch"] += result.mismatch_kl_sum
-                sums["tokens"] += result.tokens
-                sums["masked"] += out.masked_sampled_image_tokens
+            out = self.forward(batch, label)
+            device = out.logprobs.device
+            row = batch.row
+            result = policy_loss(
+                out.logprobs, torch.tensor(row.inference_logprobs[1:], device=device),
+                torch.tensor(row.advantages[1:], device=device), out.loss_mask, out.entropy,
+                self.config.clip_low, self.config.clip_high, entropy_coef=self.config.entropy_coef,
+            )
+            times["forward"] += time.perf_counter() - start
+            start = time.perf_counter()
+            (result.loss_sum / normalizer).backward()
+            times["backward"] += time.perf_counter() - start
+            sums["loss"] += float(result.loss_sum.detach())
+            sums["entropy"] += result.entropy_sum
+            sums["clipped"] += result.clipped
+            sums["mismatch"] += result.mismatch_kl_sum
+            sums["tokens"] += result.tokens
+            sums["masked"] += out.masked_sampled_image_tokens
         start = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         optimizer_s = time.perf_counter() - start
         tokens = max(1, sums["tokens"])
-        stats = self.materializer.stats
         return StepMetrics(
             loss=sums["loss"] / normalizer, entropy=sums["entropy"] / tokens, clip_fraction=sums["clipped"] / tokens,
             mismatch_kl=sums["mismatch"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
-            images_processed=stats.images_processed - before[0], missing_images=stats.missing_images - before[1],
-            masked_sampled_image_tokens=sums["masked"], materialize_s=times["materialize"],
+            images_processed=prepared.images_processed, missing_images=prepared.missing_images,
+            masked_sampled_image_tokens=sums["masked"], materialize_s=prepared.seconds,
             forward_s=times["forward"], backward_s=times["backward"], optimizer_s=optimizer_s,
         )
 

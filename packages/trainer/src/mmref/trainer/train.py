@@ -3,9 +3,9 @@
     torchrun --nproc-per-node 2 -m mmref.trainer.train job.json    # or: mmref train job.json
 
 Each step, every rank: receives its micro-batches (refs only) over the transport, checks with
-the other ranks (``fail_fast``), materializes pixels from its own store, checks again, runs
-forward/backward (FSDP2 reduces gradients), and rank 0 writes the weights for the inference
-server. A failure anywhere ends every rank with the failing rank's cause.
+the other ranks (``fail_fast``), checks every row's slots against its token ids and
+materializes the step's pixels once from its own store, checks again, runs forward/backward
+(FSDP2 reduces gradients), and rank 0 writes the weights for the inference server. A failure anywhere ends every rank with the failing rank's cause.
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
     # writes a plain module; FSDP2 parameters are shards).
     export = _build_model(job) if info.rank == 0 and job.checkpoint_dir else None
     model, strategy = wrap_data_parallel(model, info)
-    # A 256 MiB cache lets the fail-fast pre-materialize below serve the step's own pass.
-    materializer = Materializer(store, spec, processor, cache_bytes=256 << 20, device=info.device,
+    materializer = Materializer(store, spec, processor, device=info.device,
                                 missing_image_policy=job.train.missing_image_policy)
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
                             image_token_ids=image_token_ids, materializer=materializer)
@@ -107,12 +106,9 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
         for step in range(job.steps):
             with fail_fast(f"step {step} receive"):
                 micro_batches = [MicroBatch.from_wire(mb) for mb in receiver.recv_step(step)]
-            before = materializer.stats.images_processed
-            with fail_fast(f"step {step} materialize"):
-                for mb in micro_batches:
-                    materializer.materialize(mb.rows)
-            metrics = trainer.step(micro_batches, normalizer=_global_normalizer(micro_batches, info))
-            metrics = replace(metrics, images_processed=materializer.stats.images_processed - before)
+            with fail_fast(f"step {step} check and materialize"):
+                prepared = trainer.prepare(micro_batches)
+            metrics = trainer.step(prepared, normalizer=_global_normalizer(micro_batches, info))
             version = step + 1
             with fail_fast(f"step {step} weight sync"):
                 _sync_weights(job, info, model, export, version)

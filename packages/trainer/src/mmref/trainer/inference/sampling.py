@@ -9,6 +9,7 @@ processor keeps one step instead. Each step it
 2. computes this step's distribution, ``masked_log_softmax(logits / temperature)`` with
    image special tokens removed (``mmref.trainer.logprobs``: the trainer's definition);
 3. returns it, top-p truncated, as the scores ``generate`` samples from (greedy: argmax).
+   The recorded logprobs stay untruncated (see ``mmref.trainer.logprobs``).
 
 ``generate`` must add no processors of its own (temperature/top_p/top_k unset), so this
 one sees the raw logits. After ``generate``, ``finish(sequences)`` gathers the last step.
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from transformers import LogitsProcessor, TopPLogitsWarper
 
-from mmref.trainer.logprobs import masked_log_softmax
+from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
 
 
 class RecordingSampler(LogitsProcessor):
@@ -29,7 +30,7 @@ class RecordingSampler(LogitsProcessor):
 
     def __init__(self, banned_token_ids: Iterable[int], temperature: float, top_p: float) -> None:
         self.banned = sorted(banned_token_ids)
-        self.scale = temperature if temperature > 0 else 1.0
+        self.scale = logprob_scale(temperature)
         self.top_p = TopPLogitsWarper(top_p) if 0 < top_p < 1 and temperature > 0 else None
         self._steps: list[torch.Tensor] = []  # (B,) logprob of each sampled token so far
         self._last: torch.Tensor | None = None  # (B, V) the latest step's distribution

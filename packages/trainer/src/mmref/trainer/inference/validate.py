@@ -2,8 +2,9 @@
 
 Per image slot: the ref parses; its family and layout fingerprint match the served model's
 live processor; grid and token count recompute to the ref's (``verify_ref``); the slot's
-length equals ``num_tokens`` and it lies wholly on image-pad tokens. The prompt may hold no
-image-pad token outside a slot, and prompt + max_tokens must fit ``max_model_len``. The
+length equals ``num_tokens``. The slots must be exactly the prompt's image-pad runs
+(``check_slots``, the invariant every stage checks), and prompt + max_tokens must fit
+``max_model_len``. The
 bytes are hash-verified when the feature cache loads them.
 """
 
@@ -12,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from mmref.renderers.contract import verify_ref
-from mmref.renderers.errors import MMRefError
+from mmref.renderers.errors import MMRefError, SlotError
 from mmref.renderers.layout import LayoutSpec
-from mmref.renderers.refs import ImageSlot, RawImageRef, parse_ref
+from mmref.renderers.refs import ImageSlot, RawImageRef, check_slots, parse_ref
 from mmref.trainer.inference.api import GenerateRequest
 
 
@@ -39,7 +40,7 @@ def validate_request(request: GenerateRequest, spec: LayoutSpec, image_pad_id: i
     if needed > max_model_len:
         raise RequestError(f"prompt of {len(tokens)} tokens + max_tokens {request.sampling.max_tokens} = {needed} "
                            f"exceeds max_model_len {max_model_len}", {"expected": max_model_len, "actual": needed})
-    slots, covered = [], 0
+    slots = []
     for index, wire in enumerate(request.images):
         ref = _parse(wire.ref, index)
         detail = {"slot": index, "asset": ref.asset, "sha256": ref.sha256}
@@ -47,21 +48,15 @@ def validate_request(request: GenerateRequest, spec: LayoutSpec, image_pad_id: i
             verify_ref(ref, spec, stage="inference server")
         except MMRefError as exc:
             raise RequestError(str(exc), detail) from None
-        if wire.length != ref.num_tokens:
-            raise RequestError(f"image slot {index} ({ref.describe()}): length {wire.length} != ref.num_tokens "
-                               f"{ref.num_tokens}", detail | {"expected": ref.num_tokens, "actual": wire.length})
-        end = wire.offset + wire.length
-        if wire.offset < covered or end > len(tokens) or any(t != image_pad_id for t in tokens[wire.offset:end]):
-            raise RequestError(f"image slot {index} ({ref.describe()}) at [{wire.offset}, {end}) does not lie on "
-                               f"image-pad tokens (id {image_pad_id}) of the {len(tokens)}-token prompt, or overlaps "
-                               "the previous slot", detail | {"offset": wire.offset, "length": wire.length})
-        covered = end
+        if wire.length != ref.num_tokens or wire.offset < 0:
+            raise RequestError(f"image slot {index} ({ref.describe()}): offset {wire.offset}, length {wire.length}; "
+                               f"expected offset >= 0 and length == ref.num_tokens {ref.num_tokens}",
+                               detail | {"expected": ref.num_tokens, "actual": wire.length})
         slots.append(ImageSlot(ref=ref, offset=wire.offset, length=wire.length))
-    pads = sum(1 for t in tokens if t == image_pad_id)
-    in_slots = sum(s.length for s in slots)
-    if pads != in_slots:
-        raise RequestError(f"prompt holds {pads} image-pad tokens (id {image_pad_id}) but the image slots cover "
-                           f"{in_slots}; every pad token needs an image slot", {"expected": in_slots, "actual": pads})
+    try:
+        check_slots(tokens, slots, image_pad_id, where=f"{len(tokens)}-token prompt")
+    except SlotError as exc:
+        raise RequestError(str(exc), {"image_pad_id": image_pad_id}) from None
     return slots
 
 
