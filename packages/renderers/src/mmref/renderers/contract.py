@@ -4,6 +4,10 @@ Producer side: ``make_ref(spec, stored)`` combines the store's facts about the b
 the layout math. Consumer side: ``verify_ref(ref, spec, stage=...)`` recomputes family,
 fingerprint, grid and token count from *its own* spec and raises
 ``ContractMismatchError`` naming the image, the stage, and expected vs actual values.
+Once the bytes have been read, ``verify_ref_against_image(ref, actual, spec, stage=...)``
+also holds the ref to ``actual``, the ref those bytes make under ``spec`` (size and media
+type from the header, sha256 from the content), so an edited width is caught even when
+it keeps the grid.
 
 A fingerprint drift names the parameters that differ, with the ref's value and this
 stage's, whenever the producer's spec is known here (a published default, or any spec
@@ -53,6 +57,22 @@ def verify_ref(ref: RawImageRef, spec: LayoutSpec, stage: str) -> None:
         raise ContractMismatchError(f"{where}: ref grid_thw {tuple(ref.grid_thw)} != recomputed {layout.grid_thw}")
     if ref.num_tokens != layout.num_tokens:
         raise ContractMismatchError(f"{where}: ref num_tokens {ref.num_tokens} != recomputed {layout.num_tokens}")
+
+
+def verify_ref_against_image(ref: RawImageRef, actual: RawImageRef, spec: LayoutSpec, stage: str) -> None:
+    """Raise ``ContractMismatchError`` unless ``ref`` passes ``verify_ref`` and equals ``actual`` field by field.
+
+    ``actual`` is ``make_ref(spec, facts)`` of the image's stored bytes. A cache calls this
+    on every lookup, hit or miss, so a warm cache answers exactly as a cold one.
+    """
+    verify_ref(ref, spec, stage)
+    differing = [(name, getattr(ref, name), getattr(actual, name)) for name in type(ref).model_fields
+                 if getattr(ref, name) != getattr(actual, name)]
+    if differing:
+        changed = "; ".join(f"{name} {_show(theirs)} (ref) != {_show(ours)} (stored image)"
+                            for name, theirs, ours in differing)
+        raise ContractMismatchError(f"{stage}: image {ref.describe()}: the ref does not describe its stored image: "
+                                    f"{changed}; the ref was edited or made from other bytes")
 
 
 def drift_message(ref: RawImageRef, spec: LayoutSpec, stage: str) -> str:

@@ -1,11 +1,18 @@
-"""Processed image features (or decoded images, for vLLM), cached by (sha256, layout fingerprint)
-under a byte budget.
+"""Processed image features (or decoded images, for vLLM), cached per stored image under a byte budget.
 
+Same request, same answer: a warm cache refuses exactly what a cold one refuses.
+
+- The key names the bytes only: ``(asset, sha256)``. An entry is made from those bytes
+  alone: read and hash-verified, ``actual`` = the ref they make under this server's spec
+  (size and media type from the header, grid and token count from the layout math),
+  then processed with ``actual``. Nothing in the requesting ref shapes an entry.
+- Every lookup, hit or miss, then runs the one check ``verify_ref_against_image(ref,
+  actual)``: an edited width that keeps the grid, another grid, a foreign fingerprint or a
+  wrong media type is refused with the same error text whether the entry was warm or not.
 - LRU eviction once the budget is exceeded; an entry larger than the budget is not kept.
-- Single-flight: concurrent requests for one image await one computation.
+- Single-flight: concurrent requests for one image await one computation (it does not
+  depend on which ref asked, so a forged ref cannot poison a valid one's wait).
 - Failures are never cached: the next request retries.
-- A hit is only returned for a ref whose grid equals the cached entry's, so a forged ref
-  (another image's hash claimed with other geometry) never receives that image's features.
 """
 
 from __future__ import annotations
@@ -14,12 +21,17 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmref.renderers.errors import ContractMismatchError
-from mmref.renderers.refs import RawImageRef
+from mmref.renderers.contract import make_ref, verify_ref_against_image
+from mmref.renderers.errors import InvalidImageError
+from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.refs import RawImageRef, asset_name
+from mmref.renderers.store import ImageStore, StoredImage, inspect_image, sniff_media_type
 from mmref.trainer.byte_lru import ByteLRU
 from mmref.trainer.pixels import DecodedImage, ImageFeatures
 
 Cached = ImageFeatures | DecodedImage
+# Turns hash-verified bytes into what the engine consumes, given the ref the bytes make.
+Compute = Callable[[bytes, RawImageRef], Cached]
 
 
 @dataclass
@@ -30,13 +42,40 @@ class CacheStats:
     evictions: int = 0
 
 
-class FeatureCache:
-    """An asyncio-side LRU of ``ImageFeatures``; computation runs in a worker thread."""
+@dataclass(frozen=True)
+class _Entry:
+    actual: RawImageRef  # what the bytes say under the cache's spec; every ref is held to it
+    value: Cached
 
-    def __init__(self, budget_bytes: int) -> None:
+    @property
+    def nbytes(self) -> int:
+        return self.value.nbytes
+
+
+def stored_image_ref(store: ImageStore, spec: LayoutSpec, asset: str, sha256: str) -> tuple[RawImageRef, bytes]:
+    """The ref the stored bytes of ``asset`` make under ``spec``, and the bytes (hash-verified)."""
+    data = store.read(asset, sha256)
+    media_type = sniff_media_type(data)
+    if media_type is None:
+        raise InvalidImageError(f"asset {asset} (sha256 {sha256[:16]}…) in store {store.url} holds no PNG, JPEG, "
+                                "WebP or GIF image")
+    width, height = inspect_image(data, media_type, store.limits, f"asset {asset}")
+    facts = StoredImage(asset_name(sha256, media_type), sha256, media_type, width, height, len(data))
+    return make_ref(spec, facts), data
+
+
+class FeatureCache:
+    """An asyncio-side LRU of features per stored image; reading and processing run in a worker thread.
+
+    >>> cache = FeatureCache(512 * 2**20, store, served.spec)                 # doctest: +SKIP
+    >>> await cache.get(ref, lambda data, actual: decoded_image(data, actual))  # doctest: +SKIP
+    """
+
+    def __init__(self, budget_bytes: int, store: ImageStore, spec: LayoutSpec, stage: str = "inference server") -> None:
         self.stats = CacheStats()
-        self._entries: ByteLRU[Cached] = ByteLRU(budget_bytes)
-        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+        self.store, self.spec, self.stage = store, spec, stage
+        self._entries: ByteLRU[_Entry] = ByteLRU(budget_bytes)
+        self._inflight: dict[tuple[str, str], asyncio.Future[_Entry]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -45,21 +84,27 @@ class FeatureCache:
     def bytes(self) -> int:
         return self._entries.bytes
 
-    async def get(self, ref: RawImageRef, compute: Callable[[], Cached]) -> Cached:
-        """Features of ``ref``: cached, awaited from an in-flight computation, or computed now."""
-        key = (ref.sha256, ref.fingerprint)
+    async def get(self, ref: RawImageRef, compute: Compute) -> Cached:
+        """Features of ``ref``'s image (cached, awaited from an in-flight computation, or computed now), once
+        ``ref`` passes the check against what the bytes say; raises ``ContractMismatchError`` otherwise."""
+        entry = await self._entry(ref.asset, ref.sha256, compute)
+        verify_ref_against_image(ref, entry.actual, self.spec, self.stage)
+        return entry.value
+
+    async def _entry(self, asset: str, sha256: str, compute: Compute) -> _Entry:
+        key = (asset, sha256)
         cached = self._entries.get(key)
         if cached is not None:
             self.stats.hits += 1
-            return self._checked(ref, cached)
+            return cached
         if key in self._inflight:
             self.stats.hits += 1
-            return self._checked(ref, await asyncio.shield(self._inflight[key]))
+            return await asyncio.shield(self._inflight[key])
         self.stats.misses += 1
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            features = await asyncio.to_thread(compute)
+            entry = await asyncio.to_thread(self._make_entry, asset, sha256, compute)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it; nothing is cached
@@ -67,14 +112,11 @@ class FeatureCache:
         finally:
             self._inflight.pop(key, None)
         self.stats.processed += 1
-        future.set_result(features)
-        self._entries.put(key, features)
+        future.set_result(entry)
+        self._entries.put(key, entry)
         self.stats.evictions = self._entries.evictions
-        return features
+        return entry
 
-    @staticmethod
-    def _checked(ref: RawImageRef, features: Cached) -> Cached:
-        if tuple(features.grid_thw) != tuple(ref.grid_thw):
-            raise ContractMismatchError(f"inference server: image {ref.describe()}: ref grid_thw {ref.grid_thw} does "
-                                        f"not match the stored image's grid {features.grid_thw}")
-        return features
+    def _make_entry(self, asset: str, sha256: str, compute: Compute) -> _Entry:
+        actual, data = stored_image_ref(self.store, self.spec, asset, sha256)
+        return _Entry(actual, compute(data, actual))

@@ -38,7 +38,7 @@ def error_response(status: int, message: str, kind: str, detail: dict | None = N
 def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 2**20) -> FastAPI:
     """The server app (run it with uvicorn)."""
     app = FastAPI(title="mmref inference server")
-    cache, metrics = FeatureCache(cache_bytes), ServerMetrics()
+    cache, metrics = FeatureCache(cache_bytes, store, served.spec), ServerMetrics()
     app.state.served, app.state.cache, app.state.metrics = served, cache, metrics
 
     @app.exception_handler(RequestValidationError)
@@ -54,7 +54,7 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
     async def generate(body: GenerateRequest) -> JSONResponse:
         start = time.perf_counter()
         try:
-            response = await _generate(served, store, cache, body)
+            response = await _generate(served, cache, body)
             metrics.tokens_generated += sum(len(c.token_ids) for c in response.choices)
             result = JSONResponse(response.model_dump())
         except RequestError as exc:
@@ -97,16 +97,18 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
     return app
 
 
-async def _generate(served: ServedModel, store: ImageStore, cache: FeatureCache, body: GenerateRequest) -> GenerateResponse:
+async def _generate(served: ServedModel, cache: FeatureCache, body: GenerateRequest) -> GenerateResponse:
     slots = validate_request(body, served.spec, served.image_pad_id, served.engine.max_model_len,
                              served.engine.vocab_size)
 
-    def loader(ref):
-        if served.engine.input_kind == "images":  # the engine processes pixels itself (vLLM)
-            return lambda: decoded_image(store.read(ref), ref)
-        return lambda: process_pixels(store.read(ref), ref, served.processor, stage="inference server")
+    # The cache reads and hash-verifies the bytes, and hands over the ref they make (``actual``).
+    if served.engine.input_kind == "images":  # the engine processes pixels itself (vLLM)
+        compute = decoded_image
+    else:
+        def compute(data, actual):
+            return process_pixels(data, actual, served.processor, stage="inference server")
 
-    features = await asyncio.gather(*(cache.get(s.ref, loader(s.ref)) for s in slots))
+    features = await asyncio.gather(*(cache.get(s.ref, compute) for s in slots))
     types = [0] * len(body.token_ids)
     for slot in slots:
         types[slot.offset:slot.end] = [1] * slot.length
