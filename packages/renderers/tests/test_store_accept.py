@@ -50,3 +50,12 @@ def test_accept_sees_the_header_size_and_an_accepted_image_is_stored(tmp_path):
     seen = []
     stored = ImageStore(tmp_path).put_bytes(png((37, 23)), "image/png", accept=lambda w, h: seen.append((w, h)))
     assert seen == [(37, 23)] and (stored.width, stored.height) == (37, 23) and not stored.deduplicated
+
+
+@pytest.mark.parametrize("size", [(201, 1), (3, 700)])
+def test_a_size_no_family_can_place_is_refused_without_accept_and_leaves_nothing(store_and_listing, size):
+    store, listing = store_and_listing
+    before = listing()
+    with pytest.raises(LayoutError, match=r"asset [0-9a-f]{16}\.png: image .* aspect ratio .* > 200"):
+        store.put_bytes(png(size), "image/png")
+    assert listing() == before

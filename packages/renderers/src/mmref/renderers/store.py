@@ -11,9 +11,9 @@ nodes can share one store without rewriting refs.
     True
 
 Putting only reads the image header (its size), never decodes pixels: a 1080p PNG costs
-one sha256 and one write. Every check runs before the write, including the caller's own
-(``accept``, e.g. the layout math refusing an aspect ratio over 200), so a refused image
-leaves nothing in the store.
+one sha256 and one write. Every check runs before the write (limits, media type, a size
+no layout family can place, and the caller's own ``accept``, e.g. one spec's layout
+math), so a refused image leaves nothing in the store.
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ from mmref.renderers.errors import (
     AssetNotFoundError,
     IntegrityError,
     InvalidImageError,
+    LayoutError,
     PathEscapeError,
     RefError,
     StoreWriteError,
 )
+from mmref.renderers.layout import check_size
 from mmref.renderers.refs import EXTENSIONS, RawImageRef, asset_name, check_asset
 
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,(.*)", re.DOTALL)
@@ -179,6 +181,10 @@ class ImageStore:
         sha256 = hashlib.sha256(data).hexdigest()
         asset = asset_name(sha256, media_type)
         width, height = inspect_image(data, media_type, self.limits, f"asset {asset}")
+        try:
+            check_size(width, height)  # e.g. aspect ratio over 200: no family places it, so never store it
+        except LayoutError as exc:
+            raise LayoutError(f"asset {asset}: {exc}") from None
         if accept is not None:
             accept(width, height)
         exists = self._exists(asset)
