@@ -1,5 +1,6 @@
 """Materializer: one decode per unique image, exact pixels, missing-image policies, checks."""
 
+import dataclasses
 import os
 
 import pytest
@@ -102,3 +103,22 @@ def test_cross_step_cache_respects_its_byte_budget(store, monkeypatch):
     tiny_cache.materialize(rows)
     tiny_cache.materialize(rows)
     assert tiny_cache.stats.images_processed == 4 and tiny_cache._cache.bytes <= 1
+
+
+@pytest.mark.parametrize("field, delta", [("width", 1), ("height", -1)])
+def test_a_cached_image_refuses_an_edited_ref_exactly_as_a_cold_one(store, field, delta):
+    """Same request, same answer: a hit runs the check a miss runs (the edit keeps the grid)."""
+    sample = make_sample(store, "qwen2-vl", 3, [(5, (64, 48))], 2)
+    slot = sample.images[0]
+    edited = slot.ref.model_copy(update={field: getattr(slot.ref, field) + delta})
+    assert edited.grid_thw == slot.ref.grid_thw
+    bad_rows = pack([dataclasses.replace(sample, images=[slot.model_copy(update={"ref": edited})])], 4096)
+    answers = []
+    for warm in (False, True):
+        m = materializer(store, cache_bytes=10**8)
+        if warm:
+            m.materialize(pack([sample], 4096))
+        with pytest.raises(ContractMismatchError) as caught:
+            m.materialize(bad_rows)
+        answers.append(str(caught.value))
+    assert answers[0] == answers[1] and f"{field} " in answers[0]

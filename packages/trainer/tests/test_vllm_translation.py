@@ -7,6 +7,7 @@ import pytest
 
 from mmref.trainer.inference.api import SamplingParams
 from mmref.trainer.inference.serving import load_served_model
+from mmref.trainer.inference.validate import RequestError
 from mmref.trainer.inference.vllm_engine import BANNED_LOGIT_BIAS, choices_from_output, sampling_kwargs, tokens_prompt
 
 
@@ -24,6 +25,11 @@ def test_sampling_bans_image_tokens_and_merges_stops():
                              banned_token_ids=[151655, 151652], stop_token_ids=[151645])
     assert kwargs["logit_bias"] == {151655: BANNED_LOGIT_BIAS, 151652: BANNED_LOGIT_BIAS}
     assert kwargs["stop_token_ids"] == [7, 151645] and kwargs["n"] == 4 and kwargs["logprobs"] == 0
+
+
+def test_top_p_below_one_is_refused_as_vllm_would_report_truncated_logprobs():
+    with pytest.raises(RequestError, match="top_p=0.9 is not supported by the vllm engine"):
+        sampling_kwargs(SamplingParams(top_p=0.9), banned_token_ids=[], stop_token_ids=[])
 
 
 def test_choices_from_request_output():

@@ -4,8 +4,10 @@ For a packed row: every unique sha256 is read, hash-verified, decoded and proces
 once (thread pool) and moved to the device once per micro-batch. A row holds its unique
 images (shared tensors, no copy) and ``image_index`` maps each slot to one of them; the
 forward concatenates them on the device and runs the vision tower once per unique image
-(``mmref.trainer.vision_once``). Grids and token counts are checked against each ref. An optional cross-step cache keeps processed
-images under a byte budget (LRU). When an image cannot be read:
+(``mmref.trainer.vision_once``). Each image is processed from what its stored bytes say
+(``pixels.stored_image_ref``) and every ref is held to that, grid and token count included
+(``verify_ref_against_image``), on every lookup of the optional cross-step cache (LRU under
+a byte budget), hit or miss alike. When an image cannot be read:
 
 | missing_image_policy    | what happens                                                        |
 |-------------------------|---------------------------------------------------------------------|
@@ -25,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from mmref.renderers.contract import verify_ref_against_image
 from mmref.renderers.errors import AssetNotFoundError
 from mmref.renderers.layout import LayoutSpec
 from mmref.renderers.refs import RawImageRef
@@ -32,7 +35,7 @@ from mmref.renderers.store import ImageStore
 from mmref.trainer.byte_lru import ByteLRU
 from mmref.trainer.errors import MissingImageError
 from mmref.trainer.pack import PackedRow
-from mmref.trainer.pixels import ImageFeatures, image_features
+from mmref.trainer.pixels import ImageFeatures, StoredEntry, process_pixels, stored_image_ref
 
 log = logging.getLogger(__name__)
 MissingPolicy = Literal["error", "placeholder_zero_loss"]
@@ -92,7 +95,7 @@ class Materializer:
         self.store, self.spec, self.processor = store, spec, processor
         self.policy, self.device, self.dtype = missing_image_policy, torch.device(device), dtype
         self.stats = MaterializeStats()
-        self._cache: ByteLRU[ImageFeatures] = ByteLRU(cache_bytes)
+        self._cache: ByteLRU[StoredEntry] = ByteLRU(cache_bytes)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mmref-materialize")
 
@@ -143,19 +146,23 @@ class Materializer:
         return pixels.to(self.device, self.dtype or pixels.dtype, non_blocking=True)
 
     def _features(self, ref: RawImageRef) -> ImageFeatures | None:
+        """The image's features, once ``ref`` passes the same check whether the cache held them or not."""
+        key = (ref.asset, ref.sha256)
         with self._lock:
-            cached = self._cache.get(ref.sha256)
-            if cached is not None:
-                self.stats.cache_hits += 1
-                return cached
-        try:
-            features = image_features(self.store, ref, self.spec, self.processor, stage="trainer")
-        except AssetNotFoundError:
-            return None
-        with self._lock:
-            self.stats.images_processed += 1
-            self._cache.put(ref.sha256, features)
-        return features
+            entry = self._cache.get(key)
+            self.stats.cache_hits += entry is not None
+        if entry is None:
+            try:
+                actual, data = stored_image_ref(self.store, self.spec, ref.asset, ref.sha256)
+            except AssetNotFoundError:
+                return None
+        verify_ref_against_image(ref, entry.actual if entry else actual, self.spec, "trainer")
+        if entry is None:
+            entry = StoredEntry(actual, process_pixels(data, actual, self.processor, "trainer"))
+            with self._lock:
+                self.stats.images_processed += 1
+                self._cache.put(key, entry)
+        return entry.value
 
     def _placeholder(self, ref: RawImageRef) -> torch.Tensor:
         t, h, w = ref.grid_thw

@@ -1,7 +1,9 @@
 """One image's pixel tensors from its ref: read, verify, decode, process, check.
 
-The inference server's feature cache and the trainer's materializer both call
-``image_features``; nothing else in mmref turns bytes into pixels.
+The inference server's feature cache and the trainer's materializer both make an entry
+from the bytes alone (``stored_image_ref``: the ref the stored bytes make under the stage's
+spec) and hold every requesting ref to it (``verify_ref_against_image``) on each lookup,
+hit or miss; nothing else in mmref turns bytes into pixels.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from mmref.renderers.contract import verify_ref
+from mmref.renderers.contract import make_ref
 from mmref.renderers.decode import decode_rgb
-from mmref.renderers.errors import ContractMismatchError
+from mmref.renderers.errors import ContractMismatchError, InvalidImageError
 from mmref.renderers.layout import LayoutSpec
-from mmref.renderers.refs import RawImageRef
-from mmref.renderers.store import ImageStore
+from mmref.renderers.refs import RawImageRef, asset_name
+from mmref.renderers.store import ImageStore, StoredImage, inspect_image, sniff_media_type
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,21 @@ class DecodedImage:
         return self.image.width * self.image.height * len(self.image.getbands())
 
 
+@dataclass(frozen=True)
+class StoredEntry:
+    """What a cache keeps per stored image: the ref its bytes make, and what was computed from them.
+
+    Every requesting ref is held to ``actual`` (``verify_ref_against_image``) on each lookup.
+    """
+
+    actual: RawImageRef
+    value: ImageFeatures | DecodedImage
+
+    @property
+    def nbytes(self) -> int:
+        return self.value.nbytes
+
+
 def decoded_image(data: bytes, ref: RawImageRef) -> DecodedImage:
     """Decode verified bytes (size checked against the ref)."""
     return DecodedImage(decode_rgb(data, ref), tuple(ref.grid_thw))
@@ -62,7 +79,13 @@ def process_pixels(data: bytes, ref: RawImageRef, processor, stage: str) -> Imag
     return ImageFeatures(pixel_values=out["pixel_values"], grid_thw=grid)
 
 
-def image_features(store: ImageStore, ref: RawImageRef, spec: LayoutSpec, processor, stage: str) -> ImageFeatures:
-    """Check the ref against ``spec``, read and hash-verify its bytes, decode and process them."""
-    verify_ref(ref, spec, stage)
-    return process_pixels(store.read(ref), ref, processor, stage)
+def stored_image_ref(store: ImageStore, spec: LayoutSpec, asset: str, sha256: str) -> tuple[RawImageRef, bytes]:
+    """The ref the stored bytes of ``asset`` make under ``spec``, and the bytes (hash-verified)."""
+    data = store.read(asset, sha256)
+    media_type = sniff_media_type(data)
+    if media_type is None:
+        raise InvalidImageError(f"asset {asset} (sha256 {sha256[:16]}…) in store {store.url} holds no PNG, JPEG, "
+                                "WebP or GIF image")
+    width, height = inspect_image(data, media_type, store.limits, f"asset {asset}")
+    facts = StoredImage(asset_name(sha256, media_type), sha256, media_type, width, height, len(data))
+    return make_ref(spec, facts), data

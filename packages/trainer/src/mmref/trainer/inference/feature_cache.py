@@ -21,13 +21,12 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mmref.renderers.contract import make_ref, verify_ref_against_image
-from mmref.renderers.errors import InvalidImageError
+from mmref.renderers.contract import verify_ref_against_image
 from mmref.renderers.layout import LayoutSpec
-from mmref.renderers.refs import RawImageRef, asset_name
-from mmref.renderers.store import ImageStore, StoredImage, inspect_image, sniff_media_type
+from mmref.renderers.refs import RawImageRef
+from mmref.renderers.store import ImageStore
 from mmref.trainer.byte_lru import ByteLRU
-from mmref.trainer.pixels import DecodedImage, ImageFeatures
+from mmref.trainer.pixels import DecodedImage, ImageFeatures, StoredEntry, stored_image_ref
 
 Cached = ImageFeatures | DecodedImage
 # Turns hash-verified bytes into what the engine consumes, given the ref the bytes make.
@@ -42,28 +41,6 @@ class CacheStats:
     evictions: int = 0
 
 
-@dataclass(frozen=True)
-class _Entry:
-    actual: RawImageRef  # what the bytes say under the cache's spec; every ref is held to it
-    value: Cached
-
-    @property
-    def nbytes(self) -> int:
-        return self.value.nbytes
-
-
-def stored_image_ref(store: ImageStore, spec: LayoutSpec, asset: str, sha256: str) -> tuple[RawImageRef, bytes]:
-    """The ref the stored bytes of ``asset`` make under ``spec``, and the bytes (hash-verified)."""
-    data = store.read(asset, sha256)
-    media_type = sniff_media_type(data)
-    if media_type is None:
-        raise InvalidImageError(f"asset {asset} (sha256 {sha256[:16]}…) in store {store.url} holds no PNG, JPEG, "
-                                "WebP or GIF image")
-    width, height = inspect_image(data, media_type, store.limits, f"asset {asset}")
-    facts = StoredImage(asset_name(sha256, media_type), sha256, media_type, width, height, len(data))
-    return make_ref(spec, facts), data
-
-
 class FeatureCache:
     """An asyncio-side LRU of features per stored image; reading and processing run in a worker thread.
 
@@ -74,8 +51,8 @@ class FeatureCache:
     def __init__(self, budget_bytes: int, store: ImageStore, spec: LayoutSpec, stage: str = "inference server") -> None:
         self.stats = CacheStats()
         self.store, self.spec, self.stage = store, spec, stage
-        self._entries: ByteLRU[_Entry] = ByteLRU(budget_bytes)
-        self._inflight: dict[tuple[str, str], asyncio.Future[_Entry]] = {}
+        self._entries: ByteLRU[StoredEntry] = ByteLRU(budget_bytes)
+        self._inflight: dict[tuple[str, str], asyncio.Future[StoredEntry]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,7 +68,7 @@ class FeatureCache:
         verify_ref_against_image(ref, entry.actual, self.spec, self.stage)
         return entry.value
 
-    async def _entry(self, asset: str, sha256: str, compute: Compute) -> _Entry:
+    async def _entry(self, asset: str, sha256: str, compute: Compute) -> StoredEntry:
         key = (asset, sha256)
         cached = self._entries.get(key)
         if cached is not None:
@@ -101,7 +78,7 @@ class FeatureCache:
             self.stats.hits += 1
             return await asyncio.shield(self._inflight[key])
         self.stats.misses += 1
-        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[StoredEntry] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
             entry = await asyncio.to_thread(self._make_entry, asset, sha256, compute)
@@ -117,6 +94,6 @@ class FeatureCache:
         self.stats.evictions = self._entries.evictions
         return entry
 
-    def _make_entry(self, asset: str, sha256: str, compute: Compute) -> _Entry:
+    def _make_entry(self, asset: str, sha256: str, compute: Compute) -> StoredEntry:
         actual, data = stored_image_ref(self.store, self.spec, asset, sha256)
-        return _Entry(actual, compute(data, actual))
+        return StoredEntry(actual, compute(data, actual))

@@ -44,7 +44,16 @@ def tokens_prompt(prompt_ids: list[int], images: Sequence[Any], image_sha256: Se
 
 
 def sampling_kwargs(sampling: SamplingParams, banned_token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> dict:
-    """Keyword arguments of ``vllm.SamplingParams`` for our sampling params."""
+    """Keyword arguments of ``vllm.SamplingParams`` for our sampling params.
+
+    vLLM's ``processed_logprobs`` are taken after top-p truncation, while mmref reports and
+    trains on the untruncated tempered distribution (``mmref.trainer.logprobs``); ``top_p < 1``
+    is refused here rather than reported under another distribution than the trainer's.
+    """
+    if sampling.top_p < 1:
+        raise RequestError(f"top_p={sampling.top_p} is not supported by the vllm engine: vLLM reports logprobs after "
+                           "top-p truncation, the trainer scores the untruncated distribution at the temperature; "
+                           "use top_p=1 or the transformers engine", {"param": "top_p"})
     return {
         "n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
         "max_tokens": sampling.max_tokens, "seed": sampling.seed,
@@ -127,10 +136,10 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         prompt = tokens_prompt(prompt_ids, [d.image for d in images], image_sha256)
+        kwargs = sampling_kwargs(sampling, sorted(self.image_token_ids), self.stop_token_ids)
         final = None
         try:  # vLLM's own limits (e.g. temperature <= 2) are the client's error, not the engine's
-            params = VLLMSampling(**sampling_kwargs(sampling, sorted(self.image_token_ids), self.stop_token_ids),
-                                  output_kind=RequestOutputKind.FINAL_ONLY)  # one output holding all n samples
+            params = VLLMSampling(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)  # one output holding all n samples
             async for output in self.llm.generate(prompt, params, request_id=uuid.uuid4().hex):
                 final = output
         except VLLMClientError as exc:
