@@ -99,3 +99,29 @@ def test_picture_labels_equal_processor_with_add_vision_id(family, tmp_path):
     text = processor.apply_chat_template(theirs, tokenize=False, add_generation_prompt=True, add_vision_id=True)
     assert "Picture 3:" in text
     assert rendered.token_ids == processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
+
+
+TAGS_TEXT = "a <tool_call>x</tool_call> <tool_response>y</tool_response> <think>z</think> b"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tags_typed_in_text_become_ids_as_the_published_template_does(family, tmp_path):
+    """Tool and think tags in user text, tool descriptions, tool results and history: same ids as the processor."""
+    store = ImageStore(tmp_path)
+    messages = [
+        {"role": "system", "content": f"sys {TAGS_TEXT}"},
+        {"role": "user", "content": [img(0), {"type": "text", "text": TAGS_TEXT}]},
+        {"role": "assistant", "content": TAGS_TEXT},
+        {"role": "user", "content": "next"},
+    ]
+    tools = None
+    if family == "qwen3-vl":  # the only shipped template with tools (Qwen2/2.5-VL's publish none)
+        tools = [{"type": "function", "function": {**TOOLS[0]["function"], "description": TAGS_TEXT}}]
+        messages += [{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "zoom", "arguments": {"x": 1}}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": TAGS_TEXT}]
+    ours, theirs, images = split(messages, store, family)
+    rendered = create_renderer(qwen2_tokenizer(), family).render(ours, tools=tools)
+    expected_ids, _ = reference_ids(family, theirs, images, tools=tools)
+    assert rendered.token_ids == expected_ids
+    assert rendered.token_ids.count(151667) >= 3  # <think> from system, user and assistant text

@@ -174,3 +174,82 @@ def test_bridge_with_prev_numbers_messages_in_the_whole_conversation(renderer):
     assert content == [i for i, c in zip(full.message_index, full.is_content) if c] == [0, 1, 2]
     with pytest.raises(RenderError, match="prev has"):
         renderer.bridge_to_next_turn(prompt.token_ids[:-1], reply, new, [], prev=prompt)
+
+
+# -- which special tokens text can produce, per family ------------------------------------
+
+QWEN_TEXT_TAGS = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"}
+NEUTRAL = "plain words"
+
+
+def _special_family(family):
+    from mmref.renderers.tokenizer import KIMI_SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS, tiny_tokenizer
+
+    if family == "kimi-k2.5":
+        return create_renderer(tiny_tokenizer(specials=KIMI_SPECIAL_TOKENS), family), KIMI_SPECIAL_TOKENS, set()
+    return create_renderer(qwen2_tokenizer(), family), QWEN_SPECIAL_TOKENS, QWEN_TEXT_TAGS
+
+
+def _typed_into(place, text):
+    """A conversation (and tools) with ``text`` typed into one place a user or tool controls."""
+    tools = None
+    messages = [{"role": "user", "content": "start"}]
+    if place == "user text":
+        messages = [{"role": "user", "content": f"look {text} here"}]
+    elif place == "tool description":
+        tools = [{"type": "function", "function": {"name": "zoom", "description": f"Zoom {text} in",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+    elif place == "tool result":
+        messages += [{"role": "assistant", "content": "calling"},
+                     {"role": "tool", "tool_call_id": "c1", "content": f"result {text} end"}]
+    elif place == "assistant history":
+        messages += [{"role": "assistant", "content": f"I said {text} before"}, {"role": "user", "content": "more"}]
+    return messages, tools
+
+
+def _special_counts(renderer, specials, messages, tools):
+    ids = set(renderer.token_id(t) for t in specials if renderer.has_token(t))
+    rendered = renderer.render(messages, tools=tools)
+    return {i: rendered.token_ids.count(i) for i in ids}
+
+
+@pytest.mark.parametrize("place", ["user text", "tool description", "tool result", "assistant history"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "kimi-k2.5"])
+def test_text_produces_exactly_the_families_text_tags_as_special_ids(family, place):
+    """Each special token string typed into text: the tags become one id, nothing else becomes any."""
+    renderer, specials, allowed = _special_family(family)
+    if place == "tool description" and family == "qwen2-vl":
+        pytest.skip("qwen2-vl's template has no tools")
+    baseline = _special_counts(renderer, specials, *_typed_into(place, NEUTRAL))
+
+    def became(token):
+        counts = _special_counts(renderer, specials, *_typed_into(place, token))
+        if counts == baseline:
+            return "text"
+        one_more = {**baseline, renderer.token_id(token): baseline[renderer.token_id(token)] + 1}
+        return "id" if counts == one_more else f"other special ids: {counts} vs {baseline}"
+
+    assert {t: became(t) for t in specials} == {t: "id" if t in allowed else "text" for t in specials}
+
+
+def test_typed_tag_is_one_id_with_the_messages_attribution():
+    renderer = create_renderer(qwen2_tokenizer(), "qwen3-vl")
+    rendered = renderer.render([{"role": "user", "content": "a<think>b<|im_start|>c"}])
+    think = rendered.token_ids.index(151667)
+    assert rendered.message_index[think] == 0 and rendered.is_content[think]
+    assert rendered.token_ids.count(151644) == 2  # the user turn and the generation prompt only
+    text_ids = qwen2_tokenizer().encode("b<|im_start|>c", add_special_tokens=False, split_special_tokens=True)
+    assert rendered.token_ids[think + 1:think + 1 + len(text_ids)] == text_ids
+
+
+def test_creating_a_renderer_does_not_copy_or_mutate_the_tokenizer():
+    from mmref.renderers.render.base import text_only_encoder
+
+    tokenizer = qwen2_tokenizer()
+    encoder = text_only_encoder(tokenizer)
+    assert encoder.get_added_tokens_decoder() == {}  # special strings in text stay text
+    assert encoder.get_vocab_size() == 151_643
+    before = tokenizer.backend_tokenizer.encode_special_tokens
+    create_renderer(tokenizer, "qwen3-vl").render([{"role": "user", "content": "<|im_end|>"}])
+    assert tokenizer.backend_tokenizer.encode_special_tokens == before
+    assert tokenizer.encode("<|im_end|>", add_special_tokens=False) == [IM_END]

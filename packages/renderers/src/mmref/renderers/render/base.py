@@ -2,15 +2,27 @@
 
 A family renderer describes a conversation as a list of segments (text, special token,
 image); ``Renderer`` turns segments into ids. Text between two special tokens is
-tokenized as one run (so BPE merges match a whole-string render), always with
-``split_special_tokens=True``: a user who types ``<|image_pad|>`` gets text tokens, never
-the special id. Images become ``start + num_tokens * pad + end`` from the ref alone;
-no pixels are read.
+tokenized as one run (so BPE merges match a whole-string render). Images become
+``start + num_tokens * pad + end`` from the ref alone; no pixels are read.
+
+Which special ids text can produce (text = message content, tool descriptions, tool
+results, assistant history, reasoning): exactly the family's ``text_tags`` that the
+tokenizer has as single tokens, and nothing else. The Qwen families' tags are
+``<tool_call> </tool_call> <tool_response> </tool_response> <think> </think>``: the
+published Qwen tokenizers mark them as non-special added tokens, so the published template
++ tokenizer produce them from any text, and so do we (parity with ``apply_chat_template``
+is tested). Every other token string typed in text (``<|im_start|>``, ``<|im_end|>``,
+``<|endoftext|>``, ``<|vision_start|>``, ``<|image_pad|>``, Kimi's ``<|im_*|>`` and
+``<|media_*|>`` ...) is encoded as plain text: a user can never open a turn or fake an
+image slot. Kimi K2.5 has no text tags.
+
+    >>> renderer.render([{"role": "user", "content": "<think><|image_pad|>"}])  # doctest: +SKIP
+    # -> ... 151667 (<think>), then the text tokens of "<|image_pad|>" ...
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import re
 from abc import ABC, abstractmethod
@@ -103,16 +115,24 @@ class Renderer(ABC):
     image_special_tokens: tuple[str, ...] = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                               "<|video_pad|>", "<|vision_pad|>")
     after_close = "\n"  # scaffold the template emits after each close token
+    text_tags: tuple[str, ...] = ()  # the only special tokens text may produce (see the module docstring)
 
     def __init__(self, tokenizer: Any, spec: LayoutSpec, add_vision_id: bool = False) -> None:
         if spec.family != self.family:
             raise RenderError(f"{type(self).__name__} renders {self.family!r} but got a {spec.family!r} layout spec")
         self.tokenizer, self.spec, self.add_vision_id = tokenizer, spec, add_vision_id
         self._ids = {t: self._special_id(t) for t in self._required_specials()}
-        # A copy of the fast tokenizer that encodes special-token strings as plain text, so
-        # user text can never produce a special id (what split_special_tokens=True does).
-        self._text_encoder = copy.deepcopy(tokenizer.backend_tokenizer)
-        self._text_encoder.encode_special_tokens = True
+        # Shares the tokenizer's vocabulary (no copy: creating a renderer costs ~0.1 ms, a deep
+        # copy of a 151k-token BPE cost 0.6-1.3 s) and has no added tokens, so every special
+        # string in text encodes as plain text; the allowed tags are split out before it.
+        self._text_encoder = text_only_encoder(tokenizer)
+        self._tag_ids = {t: self.token_id(t) for t in self.text_tags if self.has_token(t)}
+        self._tag_split = (re.compile("(" + "|".join(re.escape(t) for t in sorted(self._tag_ids, key=len, reverse=True))
+                                      + ")") if self._tag_ids else None)
+        # Per-renderer caches (never shared, bounded): template-only text runs ("\n", "user\n")
+        # and the constant columns of an image's pad run, keyed by its length.
+        self._scaffold_runs: dict[tuple[str, ...], tuple[list[int], list[int] | None]] = {}
+        self._pad_runs: dict[int, tuple[list[int], list[bool], list[int]]] = {}
         self.image_pad_id = self._ids[self.image_pad]
         self.stop_token_ids = [self._ids[t] for t in self.stop_tokens]
         self.image_token_ids = frozenset(self.token_id(t) for t in self.image_special_tokens if self.has_token(t))
@@ -176,34 +196,44 @@ class Renderer(ABC):
         else:
             completion.append(close_id)
             sampled.append(False)
-        prefix = list(prev_prompt_ids) + completion
-        tail = self.assemble(
-            ([Text(self.after_close)] if self.after_close else [])
-            + self.continuation(parsed, images_before=len(prev_images))
-            + self.generation_prompt(),
-            offset=len(prefix),
-        )
         n_prompt = len(prev_prompt_ids)
-        image_ids = [0] * len(prefix)  # from the slots, not a per-token scan: bridging stays flat in k
-        for slot in prev_images:
-            image_ids[slot.offset:slot.end] = [1] * slot.length
         if prev is not None:
             if len(prev.token_ids) != n_prompt:
                 raise RenderError(f"prev has {len(prev.token_ids)} tokens but prev_prompt_ids has {n_prompt}")
-            assistant = max(prev.message_index, default=-1) + 1  # the reply's index in the conversation
-            prompt_index, prompt_content = list(prev.message_index), list(prev.is_content)
+            # Message indices ascend through a render, so the last one >= 0 is the largest:
+            # a scan from the end stops within the generation prompt, not at the start.
+            assistant = next((i for i in reversed(prev.message_index) if i >= 0), -1) + 1
         else:
-            assistant, prompt_index, prompt_content = -1, [-1] * n_prompt, [False] * n_prompt
-        first_new = assistant + 1
-        return RenderedTokens(
-            token_ids=prefix + tail.token_ids,
-            message_index=prompt_index + [assistant] * len(completion)
-            + [i + first_new if i >= 0 else -1 for i in tail.message_index],
-            sampled_mask=[False] * n_prompt + sampled + tail.sampled_mask,
-            is_content=prompt_content + [s and t != close_id for s, t in zip(sampled, completion)] + tail.is_content,
-            mm_token_type_ids=image_ids + tail.mm_token_type_ids,
-            images=list(prev_images) + tail.images,
+            assistant = -1
+        prefix = list(prev_prompt_ids)
+        prefix += completion
+        new_segments = self.continuation(parsed, images_before=len(prev_images))
+        tail = self.assemble(
+            ([Text(self.after_close)] if self.after_close else [])
+            + (_renumber(new_segments, assistant + 1) if assistant >= 0 else new_segments)
+            + self.generation_prompt(),
+            offset=len(prefix),
         )
+        # Only the new messages are tokenized; the prefix's columns are copied once each
+        # (a few ns a token), and its mm_token_type_ids come from the slots, not a scan.
+        image_ids = [0] * len(prefix)
+        for slot in prev_images:
+            image_ids[slot.offset:slot.end] = self._pad_run(slot.length)[2]
+        if prev is not None:
+            message_index, is_content = list(prev.message_index), list(prev.is_content)
+        else:
+            message_index, is_content = [-1] * n_prompt, [False] * n_prompt
+        message_index += [assistant] * len(completion)
+        message_index += tail.message_index
+        is_content += [s and t != close_id for s, t in zip(sampled, completion)]
+        is_content += tail.is_content
+        sampled_mask = [False] * n_prompt
+        sampled_mask += sampled
+        sampled_mask += tail.sampled_mask
+        prefix += tail.token_ids
+        image_ids += tail.mm_token_type_ids
+        return RenderedTokens(token_ids=prefix, message_index=message_index, sampled_mask=sampled_mask,
+                              is_content=is_content, mm_token_type_ids=image_ids, images=[*prev_images, *tail.images])
 
     def parse_response(self, completion_ids: Sequence[int]) -> ParsedResponse:
         """Content, reasoning and tool calls of a completion (trimmed at its stop token)."""
@@ -220,49 +250,91 @@ class Renderer(ABC):
         """Token ids and attribution of segments; image slots start ``offset`` tokens in."""
         out = RenderedTokens([], [], [], [], [], [])
         run: list[Text] = []
-        for segment in segments + [Special("")]:  # sentinel flushes the last text run
+        for segment in segments:
             if isinstance(segment, Text):
                 run.append(segment)
                 continue
-            self._emit_text_run(run, out)
-            run = []
-            if isinstance(segment, Break):
-                continue
-            if isinstance(segment, Special) and segment.token:
-                self._emit(out, self.token_id(segment.token), segment.message_index, False)
+            if run:
+                self._emit_text_run(run, out)
+                run = []
+            if isinstance(segment, Special):
+                if segment.token:
+                    self._emit(out, self.token_id(segment.token), segment.message_index, False)
             elif isinstance(segment, Image):
                 self._emit_image(segment, out, offset)
+        if run:
+            self._emit_text_run(run, out)
+        out.sampled_mask.extend([False] * len(out.token_ids))  # assembled tokens are never sampled
         return out
 
     def _emit(self, out: RenderedTokens, token_id: int, message_index: int, is_content: bool) -> None:
         out.token_ids.append(token_id)
         out.message_index.append(message_index)
-        out.sampled_mask.append(False)
         out.is_content.append(is_content)
         out.mm_token_type_ids.append(1 if token_id == self.image_pad_id else 0)
 
     def _emit_text_run(self, run: list[Text], out: RenderedTokens) -> None:
-        if not run:
-            return
-        text = "".join(t.text for t in run)
-        if not text:
-            return
-        encoded = self._text_encoder.encode(text, add_special_tokens=False)
-        if len(run) == 1:
-            n, t = len(encoded.ids), run[0]
-            out.token_ids.extend(encoded.ids)
-            out.message_index.extend([t.message_index] * n)
-            out.sampled_mask.extend([False] * n)
-            out.is_content.extend([t.is_content] * n)
-            out.mm_token_type_ids.extend([0] * n)  # text runs never hold the (special) pad id
-            return
-        bounds, start = [], 0
-        for t in run:
-            bounds.append((start, start + len(t.text), t))
-            start += len(t.text)
-        for token_id, (char_start, _) in zip(encoded.ids, encoded.offsets):
-            owner = next((t for s, e, t in bounds if s <= char_start < e), run[-1])
-            self._emit(out, token_id, owner.message_index, owner.is_content)
+        texts = tuple(t.text for t in run)
+        if any(t.is_content for t in run) or sum(map(len, texts)) > 256:
+            ids, owners = self._encode_run(texts)
+        else:  # template text: a handful of distinct strings, tokenized once per renderer
+            cached = self._scaffold_runs.get(texts)
+            if cached is None:
+                if len(self._scaffold_runs) >= 1024:
+                    self._scaffold_runs.clear()
+                cached = self._scaffold_runs[texts] = self._encode_run(texts)
+            ids, owners = cached
+        n = len(ids)
+        out.token_ids.extend(ids)
+        if owners is None:
+            out.message_index.extend([run[0].message_index] * n)
+            out.is_content.extend([run[0].is_content] * n)
+        else:
+            out.message_index.extend([run[k].message_index for k in owners])
+            out.is_content.extend([run[k].is_content for k in owners])
+        out.mm_token_type_ids.extend([0] * n)  # text never yields the (special) pad id
+
+    def _encode_run(self, texts: tuple[str, ...]) -> tuple[list[int], list[int] | None]:
+        """Ids of the joined texts and, for several texts, which text each token starts in."""
+        text = "".join(texts)
+        if self._tag_split is not None and "<" in text:
+            pieces = self._tag_split.split(text)
+        else:
+            pieces = [text]
+        ids: list[int] = []
+        starts: list[int] = []
+        position, several = 0, len(texts) > 1
+        for piece in pieces:
+            if not piece:
+                continue
+            tag_id = self._tag_ids.get(piece)
+            if tag_id is not None:  # split() returns the tags as their own pieces
+                ids.append(tag_id)
+                starts.append(position)
+            else:
+                encoded = self._text_encoder.encode(piece, add_special_tokens=False)
+                ids += encoded.ids
+                if several:
+                    starts += [position + start for start, _ in encoded.offsets]
+            position += len(piece)
+        if not several:
+            return ids, None
+        owners, member, end = [], 0, len(texts[0])
+        for start in starts:  # token starts ascend, so one pass over the texts' bounds
+            while start >= end and member < len(texts) - 1:
+                member += 1
+                end += len(texts[member])
+            owners.append(member)
+        return ids, owners
+
+    def _pad_run(self, n: int) -> tuple[list[int], list[bool], list[int]]:
+        """(n pad ids, n True, n ones): an image's constant columns, built once per length."""
+        run = self._pad_runs.get(n)
+        if run is None:
+            if len(self._pad_runs) >= 64:  # ~5 MB at most for 1080p-sized runs
+                self._pad_runs.clear()
+            run = self._pad_runs[n] = ([self.image_pad_id] * n, [True] * n, [1] * n)
+        return run
 
     def _emit_image(self, image: Image, out: RenderedTokens, offset: int) -> None:
         try:
@@ -273,12 +345,12 @@ class Renderer(ABC):
             self._emit(out, token_id, image.message_index, True)
         n = image.ref.num_tokens
         slot = ImageSlot(ref=image.ref, offset=offset + len(out.token_ids), length=n)
-        # Bulk extends: a 1080p Qwen2-VL image is 2,691 pads, per-token appends cost ~1 ms.
-        out.token_ids.extend([self.image_pad_id] * n)
+        # Bulk extends from lists built once per length: a 1080p Qwen2-VL image is 2,691 pads.
+        pads, trues, ones = self._pad_run(n)
+        out.token_ids.extend(pads)
         out.message_index.extend([image.message_index] * n)
-        out.sampled_mask.extend([False] * n)
-        out.is_content.extend([True] * n)
-        out.mm_token_type_ids.extend([1] * n)
+        out.is_content.extend(trues)
+        out.mm_token_type_ids.extend(ones)
         for token_id in self.image_suffix_ids():
             self._emit(out, token_id, image.message_index, True)
         out.images.append(slot)
@@ -328,6 +400,35 @@ class Renderer(ABC):
                 segments.append(Text(f"Picture {image_counter[0]}: ", index, True))
             segments += [Image(part.ref, index)]
         return segments
+
+
+def _renumber(segments: list[Segment], first: int) -> list[Segment]:
+    """Segments of new messages numbered from ``first`` in the whole conversation (scaffold stays -1)."""
+    out: list[Segment] = []
+    for s in segments:
+        if isinstance(s, (Text, Special, Image)) and s.message_index >= 0:
+            s = dataclasses.replace(s, message_index=s.message_index + first)
+        out.append(s)
+    return out
+
+
+def text_only_encoder(tokenizer: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` over ``tokenizer``'s vocabulary with no added tokens.
+
+    It shares the BPE model (no copy), so special-token strings in text encode as plain
+    text, as ``split_special_tokens=True`` does, without mutating the shared tokenizer.
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise RenderError(f"renderers need a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
+    encoder = Tokenizer(backend.model)  # the model object is shared, not copied
+    encoder.normalizer = backend.normalizer
+    encoder.pre_tokenizer = backend.pre_tokenizer
+    encoder.post_processor = backend.post_processor
+    encoder.decoder = backend.decoder
+    return encoder
 
 
 def parse_json_tool_calls(text: str) -> tuple[str, list[ParsedToolCall]]:

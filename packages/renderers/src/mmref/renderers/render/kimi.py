@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from mmref.renderers.layout import LayoutSpec
 from mmref.renderers.messages import Message, TextPart
 from mmref.renderers.render.base import (
     ParsedResponse,
@@ -37,6 +38,11 @@ class KimiK25Renderer(Renderer):
     image_start, image_pad, image_end = "<|media_begin|>", "<|media_pad|>", "<|media_end|>"
     image_special_tokens = ("<|media_begin|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>")
     after_close = ""
+
+    def __init__(self, tokenizer: Any, spec: LayoutSpec, add_vision_id: bool = False) -> None:
+        super().__init__(tokenizer, spec, add_vision_id)
+        image_word = self._text_encoder.encode("image", add_special_tokens=False).ids  # once, not per image
+        self._image_prefix = [self.token_id("<|media_begin|>"), *image_word, self.token_id("<|media_content|>")]
 
     def _turn(self, role: str, index: int, body: list[Segment]) -> list[Segment]:
         return [Special(_ROLE_TOKEN[role], index), Text(role, index), Special("<|im_middle|>", index), *body,
@@ -80,8 +86,7 @@ class KimiK25Renderer(Renderer):
         return [Special("<|im_assistant|>", -1), Text("assistant", -1), Special("<|im_middle|>", -1)]
 
     def image_prefix_ids(self) -> list[int]:
-        image_word = self.tokenizer("image", add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [self.token_id("<|media_begin|>"), *image_word, self.token_id("<|media_content|>")]
+        return self._image_prefix
 
     def parse_completion_text(self, text: str) -> ParsedResponse:
         reasoning, rest = split_reasoning(text)

@@ -4,7 +4,10 @@ Each image is ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>``;
 ``<|im_start|>{role}\\n ... <|im_end|>\\n``. The Jinja templates these reproduce live in
 ``mmref/renderers/chat_templates/``; parity with ``apply_chat_template`` + the processor is
 a test. Tags that the templates write as text but the tokenizer has as added tokens
-(``<tool_call>``, ``<tool_response>``, ``<think>``) are emitted as their single ids.
+(``<tool_call>``, ``<tool_response>``, ``<think>`` and their closes) are emitted as their
+single ids, in the template's scaffold and in any text (user text, tool descriptions, tool
+results, assistant history), as the published template + tokenizer do. No other special
+token comes from text; see ``mmref.renderers.render.base``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ TOOLS_OUTRO = (
 )
 
 
-_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
-_TAG_SPLIT = "(" + "|".join(re.escape(t) for t in _TAGS) + ")"
+# The published Qwen tokenizers have these as non-special added tokens: they are ids in any text.
+TEXT_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
 
 def tojson(value: Any) -> str:
@@ -52,6 +55,7 @@ class QwenRenderer(Renderer):
     """Shared turn structure of the Qwen families."""
 
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
+    text_tags = TEXT_TAGS
 
     def _open(self, role: str, index: int) -> list[Segment]:
         # The model samples after "assistant\n": tokenize the reply apart from the header, so a
@@ -69,18 +73,13 @@ class QwenRenderer(Renderer):
     def generation_prompt(self) -> list[Segment]:
         return self._open("assistant", -1)
 
-    def _scaffold(self, text: str, index: int) -> list[Segment]:
-        """Template text, with the tags inside it emitted as their added-token ids."""
-        return [self._tag(piece, index) if piece in _TAGS else Text(piece, index)
-                for piece in re.split(_TAG_SPLIT, text) if piece]
-
     def _tools_system(self, system: Message | None, tools: list[dict], default: str | None) -> list[Segment]:
         """The system turn that lists the tools (Hermes format), after the system text if any."""
         index = 0 if system else -1
         head = _system_text(system) + "\n\n" if system else (default + "\n\n" if default else "")
         listing = TOOLS_INTRO + "".join("\n" + tojson(t) for t in tools) + TOOLS_OUTRO
         return (self._open("system", index) + ([Text(head, index, bool(system))] if head else [])
-                + self._scaffold(listing, index) + self._close(index))
+                + [Text(listing, index)] + self._close(index))
 
     def parse_completion_text(self, text: str) -> ParsedResponse:
         reasoning, rest = split_reasoning(text)
