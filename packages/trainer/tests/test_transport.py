@@ -181,3 +181,79 @@ def test_in_memory_hub_matches_zmq_semantics():
         rx[0].recv_step(1)
     with pytest.raises(ReceiveTimeoutError):
         rx[0].recv_step(1)
+
+
+def _packed_row_wire(advantage=lambda i: 0.1 * (i % 7)) -> dict:
+    from mmref.trainer.pack import MicroBatch, PackedRow
+
+    n = 600
+    row = PackedRow(family="qwen2-vl", token_ids=[151_655] * 500 + list(range(100)), loss_mask=[i % 3 == 0 for i in range(n)],
+                    advantages=[advantage(i) for i in range(n)], inference_logprobs=[-0.5] * n, images=[],
+                    sample_lengths=[n], image_pad_id=151_655, sample_temperatures=[0.7])
+    return MicroBatch(3, [row]).to_wire()
+
+
+def test_compact_wire_decodes_to_the_same_micro_batch_with_the_same_types():
+    from mmref.trainer.pack import MicroBatch
+    from mmref.trainer.transport import decode_payload, encode_payload
+
+    wire = _packed_row_wire()
+    got = decode_payload(encode_payload([wire]))
+    assert got == [wire]
+    row = got[0]["rows"][0]
+    assert all(type(v) is bool for v in row["loss_mask"]) and all(type(v) is int for v in row["token_ids"])
+    assert row["advantages"] == wire["rows"][0]["advantages"]  # float64 values that float32 would round
+    assert MicroBatch.from_wire(got[0]) == MicroBatch.from_wire(wire)
+
+
+def test_compact_wire_is_about_half_the_plain_msgpack_of_a_packed_row():
+    import msgpack
+
+    from mmref.trainer.transport import encode_payload
+
+    # int32 ids (4 B vs 5), bit-packed mask (1/8 B vs 1), float32 logprobs (4 B vs 9) ...
+    wire = _packed_row_wire(advantage=lambda i: 1.0 if i < 300 else -1.0)
+    assert len(encode_payload([wire])) <= 0.55 * len(msgpack.packb([wire], use_bin_type=True))
+    # ... and advantages that float32 would round stay float64 (8 B vs 9)
+    wire = _packed_row_wire()
+    assert len(encode_payload([wire])) <= 0.75 * len(msgpack.packb([wire], use_bin_type=True))
+
+
+@pytest.mark.parametrize("values", [
+    [True, 1] * 10,                   # bool mixed with int: left a plain list, types kept
+    [1, 2.5] * 10,                    # int mixed with float
+    [2**63 - 1, -(2**63)] * 10,       # int64 extremes
+    [float("nan"), -0.0, 1e300] * 7,  # float64-only values, NaN and signed zero
+    [-(2**31) - 1, 2**31] * 10,       # needs int64
+    ["a"] * 20, [[1, 2]] * 20, [None] * 20,
+])
+def test_compact_wire_round_trips_any_list_exactly(values):
+    import math
+
+    from mmref.trainer.transport import decode_payload, encode_payload
+
+    got = decode_payload(encode_payload([{"v": values}]))[0]["v"]
+    assert [type(v) for v in got] == [type(v) for v in values]
+    assert [repr(v) for v in got] == [repr(v) for v in values]  # repr tells -0.0 from 0.0 and shows nan
+    assert [math.copysign(1, v) if isinstance(v, float) else v for v in got] == \
+        [math.copysign(1, v) if isinstance(v, float) else v for v in values]
+
+
+def test_malformed_compact_array_is_a_transport_error():
+    import msgpack
+
+    from mmref.trainer.transport import decode_payload
+
+    with pytest.raises(TransportError, match="malformed compact array"):
+        decode_payload(msgpack.packb([msgpack.ExtType(1, b"\x02\x05\x00\x00\x00abc")]))
+    with pytest.raises(TransportError, match="unknown msgpack ext"):
+        decode_payload(msgpack.packb([msgpack.ExtType(9, b"")]))
+
+
+def test_pixel_keys_beside_or_inside_compacted_lists_are_still_refused():
+    from mmref.trainer.transport import encode_payload
+
+    with pytest.raises(RefError, match=r"rows\[0\]\.pixel_values"):
+        encode_payload([{"rows": [{"token_ids": [7] * 64, "pixel_values": [0.5] * 64}]}])
+    with pytest.raises(RefError, match="image_embeds"):
+        encode_payload([{"rows": [[{"image_embeds": 1}] * 20]}])

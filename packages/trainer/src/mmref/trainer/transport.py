@@ -12,8 +12,9 @@ is short), so the ranks' collectives stay in step::
     receiver.recv_step(0)                            # -> list[dict], one per micro-batch
 
 Payloads are msgpack of plain dicts (``MicroBatch.to_wire()``); any pixel field is refused
-before sending, so the wire carries refs only. ``InMemoryHub`` is a fake with the same
-interface for tests that need no sockets.
+before sending, so the wire carries refs only. Per-token lists travel compact (see
+``encode_payload``) and are decoded back to the same lists. ``InMemoryHub`` is a fake with
+the same interface for tests that need no sockets.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
+import numpy as np
 import zmq
 
 from mmref.renderers.refs import reject_pixel_payload
@@ -80,14 +82,79 @@ def deal(micro_batches: Sequence[Any], world_size: int, pad: Callable[[int], Any
     return per_rank
 
 
+# Compact arrays. msgpack spends 5 B on a token id >= 65536, 9 B on every float and 1 B on a
+# bool: 24 B a token for a packed row. A list of COMPACT_MIN_LEN or more values of one type
+# travels as one ext value holding a little-endian numpy buffer instead: ints in the smallest
+# dtype that holds them (token ids: int32), bools as bits, floats as float32 where every value
+# survives the round trip exactly (sampled logprobs are float32 already), else float64; about
+# 12 B a token. Decoding gives back the same Python list (same values, same types).
+_ARRAY_EXT = 1
+_ARRAY_HEAD = struct.Struct("<BI")  # kind, element count
+COMPACT_MIN_LEN = 16
+_KINDS = {0: np.dtype("<i1"), 1: np.dtype("<i2"), 2: np.dtype("<i4"), 3: np.dtype("<i8"),
+          4: np.dtype("<f4"), 5: np.dtype("<f8")}
+_BITS = 6  # bools, packed 8 to a byte
+
+
+def _compact_array(values: list) -> msgpack.ExtType | None:
+    """One ext value for a homogeneous list of bools, ints or floats; None leaves it a plain list."""
+    types = set(map(type, values))
+    if types == {bool}:
+        return msgpack.ExtType(_ARRAY_EXT, _ARRAY_HEAD.pack(_BITS, len(values)) + np.packbits(values).tobytes())
+    if types == {int}:
+        try:
+            array = np.array(values, dtype=np.int64)
+        except OverflowError:
+            return None
+        low, high = int(array.min()), int(array.max())
+        kind = next(k for k in range(4) if np.iinfo(_KINDS[k]).min <= low and high <= np.iinfo(_KINDS[k]).max)
+    elif types == {float}:
+        array = np.array(values, dtype=np.float64)
+        with np.errstate(over="ignore"):  # 1e300 -> inf in float32: then it stays float64
+            narrow = array.astype(np.float32)
+        kind = 4 if np.array_equal(narrow.astype(np.float64), array, equal_nan=True) else 5
+    else:
+        return None
+    return msgpack.ExtType(_ARRAY_EXT, _ARRAY_HEAD.pack(kind, len(values)) + array.astype(_KINDS[kind]).tobytes())
+
+
+def _compact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        packed = _compact_array(value) if len(value) >= COMPACT_MIN_LEN else None
+        return packed if packed is not None else [_compact(v) for v in value]
+    return value
+
+
+def _expand(code: int, data: bytes) -> list:
+    if code != _ARRAY_EXT or len(data) < _ARRAY_HEAD.size:
+        raise TransportError(f"payload holds an unknown msgpack ext value (code {code}, {len(data)} bytes)")
+    kind, count = _ARRAY_HEAD.unpack_from(data)
+    body = data[_ARRAY_HEAD.size:]
+    if kind == _BITS and len(body) == (count + 7) // 8:
+        return np.unpackbits(np.frombuffer(body, np.uint8), count=count).astype(bool).tolist()
+    if kind in _KINDS and len(body) == count * _KINDS[kind].itemsize:
+        return np.frombuffer(body, _KINDS[kind]).tolist()
+    raise TransportError(f"payload holds a malformed compact array (kind {kind}, {count} values, {len(body)} bytes)")
+
+
 def encode_payload(micro_batches: Sequence[dict], where: str = "micro-batch payload") -> bytes:
-    """Msgpack of a rank's micro-batches for one step; refuses pixel tensors anywhere inside."""
-    reject_pixel_payload(list(micro_batches), where=where)
-    return msgpack.packb(list(micro_batches), use_bin_type=True)
+    """Msgpack of a rank's micro-batches for one step, per-token lists compact; refuses pixel tensors anywhere inside.
+
+    >>> decode_payload(encode_payload([{"token_ids": list(range(151_000, 151_020))}]))[0]["token_ids"][:2]
+    [151000, 151001]
+    """
+    compact = _compact(list(micro_batches))
+    # Checked after compaction: per-token lists (numbers only, so no keys) are single values by
+    # then, and the walk over every key costs ~1 ms instead of ~300 ms for a 32-row step.
+    reject_pixel_payload(compact, where=where)
+    return msgpack.packb(compact, use_bin_type=True)
 
 
 def decode_payload(payload: bytes) -> list[dict]:
-    return msgpack.unpackb(payload, raw=False)
+    """The micro-batches ``encode_payload`` packed, with every list as it was sent."""
+    return msgpack.unpackb(payload, raw=False, ext_hook=_expand)
 
 
 class MicroBatchSender(Protocol):
