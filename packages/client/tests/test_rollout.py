@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmref.client.rollout import run_rollout, run_rollouts
+from mmref.client.errors import InferenceServerError
+from mmref.client.rollout import run_group_rollout, run_group_rollouts, run_rollout, run_rollouts
 from mmref.client.train_client import Sampling
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
@@ -22,10 +23,11 @@ def renderer():
 class FakeClient:
     """Answers every prompt with "ok" + <|im_end|>; records prompts and the peak of concurrent calls."""
 
-    def __init__(self, renderer, delay_s: float = 0.0) -> None:
+    def __init__(self, renderer, delay_s: float = 0.0, short_by: int = 0) -> None:
         tokenizer = renderer.tokenizer
         self.answer = tokenizer.encode("ok") + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        self.delay_s, self.prompts, self.active, self.peak = delay_s, [], 0, 0
+        self.delay_s, self.prompts, self.active, self.peak, self.ns = delay_s, [], 0, 0, []
+        self.short_by = short_by  # answer this many completions fewer than asked (a faulty server)
 
     async def generate(self, rendered, sampling):
         self.active += 1
@@ -33,8 +35,10 @@ class FakeClient:
         await asyncio.sleep(self.delay_s)
         self.active -= 1
         self.prompts.append(list(rendered.token_ids))
-        completion = SimpleNamespace(token_ids=self.answer, logprobs=[-0.1] * len(self.answer), finish_reason="stop")
-        return SimpleNamespace(completions=[completion], weight_version=0)
+        self.ns.append(sampling.n)
+        completions = [SimpleNamespace(token_ids=self.answer, logprobs=[-0.1 * (i + 1)] * len(self.answer),
+                                       finish_reason="stop") for i in range(sampling.n - self.short_by)]
+        return SimpleNamespace(completions=completions, weight_version=0)
 
 
 class ScriptedEnv:
@@ -82,3 +86,46 @@ def test_a_rollout_samples_one_completion_per_turn(renderer, tmp_path):
     with pytest.raises(ValueError, match=r"n=1"):
         asyncio.run(run_rollout(ScriptedEnv("a"), renderer, FakeClient(renderer), ImageStore(tmp_path),
                                 Sampling(max_tokens=4, n=2)))
+
+
+def structure(trace):
+    return ([(n.prompt_ids, n.completion_ids, n.images, n.num_messages, n.finish_reason, n.weight_version,
+              n.temperature) for n in trace.nodes], trace.messages, trace.reward, trace.metrics, trace.group_id)
+
+
+def test_a_group_with_equal_openings_samples_turn_one_as_one_n_request_and_matches_separate_rollouts(renderer,
+                                                                                                   tmp_path):
+    store, sampling = ImageStore(tmp_path), Sampling(max_tokens=4, temperature=0.7)
+    client = FakeClient(renderer)
+    group = asyncio.run(run_group_rollout([ScriptedEnv("a", inject_assistant=True) for _ in range(4)], renderer, client,
+                                          store, sampling, group_id="g"))
+    assert client.ns == [4] + [1] * 8  # turn one for all 4 members at once; turns two and three per member
+    alone = [asyncio.run(run_rollout(ScriptedEnv("a", inject_assistant=True), renderer, FakeClient(renderer), store,
+                                     sampling, group_id="g")) for _ in range(4)]
+    assert [structure(t) for t in group] == [structure(t) for t in alone]
+    # member i keeps completion i of the group request: its logprobs, not a copy of the first
+    assert [t.nodes[0].completion_logprobs[0] for t in group] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    assert len({t.rollout_id for t in group}) == 4
+
+
+def test_a_group_with_different_openings_plays_each_member_alone(renderer, tmp_path):
+    client = FakeClient(renderer)
+    group = asyncio.run(run_group_rollout([ScriptedEnv("a"), ScriptedEnv("b")], renderer, client,
+                                          ImageStore(tmp_path), Sampling(max_tokens=4)))
+    assert client.ns == [1] * 6 and [t.messages[0]["content"] for t in group] == ["hello a", "hello b"]
+
+
+def test_a_group_request_answered_short_is_an_error_not_a_smaller_group(renderer, tmp_path):
+    with pytest.raises(InferenceServerError, match=r"n=3"):
+        asyncio.run(run_group_rollout([ScriptedEnv("a") for _ in range(3)], renderer, FakeClient(renderer, short_by=1),
+                                      ImageStore(tmp_path), Sampling(max_tokens=4)))
+
+
+def test_group_rollouts_hold_the_request_limit_and_keep_group_order(renderer, tmp_path):
+    client = FakeClient(renderer, delay_s=0.01)
+    groups = [[ScriptedEnv(f"e{g}") for _ in range(3)] for g in range(5)]
+    traces = asyncio.run(run_group_rollouts(groups, renderer, client, ImageStore(tmp_path), Sampling(max_tokens=4),
+                                            concurrency=2, group_ids=[f"g{g}" for g in range(5)]))
+    assert client.peak == 2
+    assert [[t.messages[0]["content"] for t in group] for group in traces] == [[f"hello e{g}"] * 3 for g in range(5)]
+    assert [{t.group_id for t in group} for group in traces] == [{f"g{g}"} for g in range(5)]

@@ -109,3 +109,52 @@ def test_max_model_len_is_fetched_once_and_cached():
             await client.generate(Rendered(), Sampling(max_tokens=4))
     asyncio.run(go())
     assert len(seen) == 2 and len(calls) == 1
+
+
+def test_a_response_with_fewer_completions_than_n_is_a_server_error():
+    with pytest.raises(InferenceServerError, match=r"1 completions for n=3"):
+        run({}, [OK], sampling=Sampling(max_tokens=4, n=3))
+
+
+def test_idle_connections_are_kept_for_every_concurrent_request():
+    """Two waves of 30 concurrent requests open 30 connections, not 30 + the 10 httpx's default pool of 20 drops."""
+    opened, arrived = [], []
+    waves = {1: asyncio.Event(), 2: asyncio.Event()}
+    body = json.dumps(OK[1]).encode()
+    models = json.dumps({"data": [{"id": "m", "max_model_len": 64}]}).encode()
+
+    async def handle(reader, writer):
+        opened.append(1)
+        try:
+            await serve(reader, writer)
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):  # the client hung up
+            writer.close()
+
+    async def serve(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), b"0"))
+            await reader.readexactly(length)
+            if head.startswith(b"POST"):  # answer once the whole wave of 30 is in flight
+                arrived.append(1)
+                wave = (len(arrived) + 29) // 30
+                if len(arrived) % 30 == 0:
+                    waves[wave].set()
+                await waves[wave].wait()
+            payload = models if head.startswith(b"GET") else body
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                         + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            await writer.drain()
+
+    async def go():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, TrainClient(f"http://127.0.0.1:{port}") as client:
+            await client.max_model_len()
+            for _ in range(2):
+                await asyncio.gather(*(client.generate(Rendered(), Sampling(max_tokens=4)) for _ in range(30)))
+            return client.requests
+
+    requests = asyncio.run(go())
+    assert requests == 61 and len(opened) == 30

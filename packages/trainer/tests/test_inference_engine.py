@@ -181,3 +181,65 @@ def test_batched_requests_encode_each_shared_image_once_with_unchanged_logprobs(
         choice = response.json()["choices"][0]
         alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
         assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_logprob(temperature, top_p):
+    """n=8, max_tokens=1 (a GRPO group as one request): one prompt row through the model, 8 draws."""
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    ids, slots = prompt_with_images(stored_refs(model, store, 2))
+    text_rows, tower_rows = [], []
+    language = model.engine.model.model.language_model
+    hooks = [language.register_forward_pre_hook(lambda m, a, k: text_rows.append(k["inputs_embeds"].shape[0]),
+                                                with_kwargs=True),
+             model.engine.model.model.visual.register_forward_pre_hook(lambda m, a: tower_rows.append(a[0].shape[0]))]
+    try:
+        response = generate(app, ids, slots, max_tokens=1, n=8, seed=1, temperature=temperature, top_p=top_p)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert len(choices) == 8 and all(len(c["token_ids"]) == len(c["logprobs"]) == 1 for c in choices)
+    assert text_rows == [1]  # one prefill of one row: the 8 samples share it
+    assert tower_rows == [sum(s["length"] * 4 for s in slots)]  # each image's patches once (merge 2x2)
+    assert len({c["token_ids"][0] for c in choices}) > 1  # 8 independent draws from a random model
+    for choice in choices:
+        trainer = teacher_forced(model, store, ids, slots, choice["token_ids"], temperature)
+        assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+        assert choice["finish_reason"] == ("stop" if choice["token_ids"][0] in (151645, 151643) else "length")
+
+
+def test_one_token_requests_batch_with_each_group_row_in_request_order():
+    """Concurrent n=3 one-token requests of different prompts: each gets its own prompt's draws."""
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    refs = stored_refs(model, store, 3)
+    prompts = [prompt_with_images(refs[:k]) for k in (1, 2, 3)]
+    calls = []
+    real = model.engine.generate_batch
+    model.engine.generate_batch = lambda jobs: calls.append(len(jobs)) or real(jobs)
+
+    async def many():
+        async with client(app) as c:
+            return await asyncio.gather(*(c.post("/inference/v1/generate", json={
+                "token_ids": ids, "images": slots, "sampling": {"max_tokens": 1, "n": 3}}) for ids, slots in prompts))
+    responses = asyncio.run(many())
+    assert all(r.status_code == 200 for r in responses) and max(calls) > 1
+    for (ids, slots), response in zip(prompts, responses):
+        choices = response.json()["choices"]
+        assert len(choices) == 3
+        for choice in choices:
+            alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
+            assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+
+
+def test_greedy_one_token_group_repeats_the_argmax():
+    model = served("qwen2-vl")
+    app, store = app_and_store(model)
+    ids, slots = prompt_with_images(stored_refs(model, store, 1))
+    choices = generate(app, ids, slots, max_tokens=1, n=4, temperature=0).json()["choices"]
+    longer = generate(app, ids, slots, max_tokens=2, n=1, temperature=0).json()["choices"][0]
+    assert [c["token_ids"] for c in choices] == [longer["token_ids"][:1]] * 4
+    assert all(abs(c["logprobs"][0] - longer["logprobs"][0]) <= 1e-5 for c in choices)

@@ -6,18 +6,27 @@ Images from the environment become store refs first (``prepare_images``).
 
     trace = await run_rollout(env, renderer, client, store, sampling)
     traces = await run_rollouts(envs, renderer, client, store, sampling, concurrency=64)
+    group = await run_group_rollout(envs, renderer, client, store, sampling)   # GRPO: G copies of one prompt
+
+A group whose members open with equal messages samples its first turn as one ``n = G``
+request: one render, one HTTP call and one prompt prefill instead of G (on the learnability
+run, 32 requests a step instead of 256). Later turns run per member, as separate rollouts
+would; the traces are the same as G ``run_rollout`` calls would make.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any, Protocol
 
+from mmref.client.errors import InferenceServerError
 from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
-from mmref.client.train_client import Sampling, TrainClient
+from mmref.client.train_client import Completion, Sampling, TrainClient
 from mmref.renderers.store import ImageStore
 
 
@@ -34,18 +43,90 @@ class Environment(Protocol):
 async def run_rollout(env: Environment, renderer: Any, client: TrainClient, store: ImageStore, sampling: Sampling,
                       max_turns: int = 32, group_id: str | None = None) -> Trace:
     """Play one episode; every model call becomes a trace node."""
-    if sampling.n != 1:
-        raise ValueError("a rollout samples one completion per turn (n=1); run a group as n rollouts")
+    _check_one_per_turn(sampling)
     messages, _ = prepare_images(env.reset(), store, renderer.spec)
-    rendered = renderer.render(messages)
+    return await _play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
+                       group_id, nullcontext())
+
+
+async def run_group_rollout(envs: Sequence[Environment], renderer: Any, client: TrainClient, store: ImageStore,
+                            sampling: Sampling, max_turns: int = 32, group_id: str | None = None,
+                            limit: AbstractAsyncContextManager | None = None) -> list[Trace]:
+    """Play a group of episodes; if every member opens with the same messages, turn one is one ``n = G`` request.
+
+    Members whose openings differ play as separate rollouts. ``limit`` (a semaphore) is held
+    around each request to the server. Results are in ``envs`` order.
+    """
+    _check_one_per_turn(sampling)
+    limit = limit if limit is not None else nullcontext()
+    openings = [env.reset() for env in envs]
+    if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare once, same refs
+        prepared = [prepare_images(openings[0], store, renderer.spec)[0]] * len(openings)
+    else:
+        prepared = [prepare_images(o, store, renderer.spec)[0] for o in openings]
+    if max_turns >= 1 and len(prepared) > 1 and all(p == prepared[0] for p in prepared[1:]):
+        rendered = renderer.render(prepared[0])
+        async with limit:
+            result = await client.generate(rendered, dataclasses.replace(sampling, n=len(envs)))
+        if len(result.completions) != len(envs):
+            raise InferenceServerError(f"asked for n={len(envs)} completions of group {group_id!r}'s shared prompt, "
+                                       f"got {len(result.completions)}")
+        firsts = [(c, result.weight_version) for c in result.completions]
+        plays = [_play(env, list(prepared[0]), rendered, first, renderer, client, store, sampling, max_turns,
+                       group_id, limit) for env, first in zip(envs, firsts)]
+    else:
+        plays = [_play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
+                       group_id, limit) for env, messages in zip(envs, prepared)]
+    return list(await asyncio.gather(*plays))
+
+
+async def run_rollouts(envs: Sequence[Environment], renderer: Any, client: TrainClient, store: ImageStore,
+                       sampling: Sampling, concurrency: int = 64, group_ids: Sequence[str | None] | None = None,
+                       max_turns: int = 32) -> list[Trace]:
+    """Run many rollouts concurrently, at most ``concurrency`` at a time, results in input order."""
+    limit = asyncio.Semaphore(concurrency)
+    groups = list(group_ids) if group_ids is not None else [None] * len(envs)
+
+    async def one(env: Environment, group: str | None) -> Trace:
+        async with limit:
+            return await run_rollout(env, renderer, client, store, sampling, max_turns, group)
+
+    return list(await asyncio.gather(*(one(e, g) for e, g in zip(envs, groups))))
+
+
+async def run_group_rollouts(groups: Sequence[Sequence[Environment]], renderer: Any, client: TrainClient,
+                             store: ImageStore, sampling: Sampling, concurrency: int = 64,
+                             group_ids: Sequence[str | None] | None = None, max_turns: int = 32) -> list[list[Trace]]:
+    """``run_group_rollout`` for every group concurrently, at most ``concurrency`` requests in flight."""
+    limit = asyncio.Semaphore(concurrency)
+    ids = list(group_ids) if group_ids is not None else [None] * len(groups)
+    return list(await asyncio.gather(*(run_group_rollout(envs, renderer, client, store, sampling, max_turns, gid, limit)
+                                       for envs, gid in zip(groups, ids))))
+
+
+def _check_one_per_turn(sampling: Sampling) -> None:
+    if sampling.n != 1:
+        raise ValueError("a rollout samples one completion per turn (n=1); run a group as n rollouts "
+                         "or as run_group_rollout")
+
+
+async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
+                first: tuple[Completion, int] | None, renderer: Any, client: TrainClient, store: ImageStore,
+                sampling: Sampling, max_turns: int, group_id: str | None,
+                limit: AbstractAsyncContextManager) -> Trace:
+    """The turn loop from the opening ``messages`` (rendered); ``first`` is turn one's completion if already sampled."""
     nodes, reward, metrics = [], 0.0, {"bridged_turns": 0.0, "full_renders": 1.0}
-    for _ in range(max_turns):
-        result = await client.generate(rendered, sampling)
-        completion = result.completions[0]
+    for turn in range(max_turns):
+        if turn == 0 and first is not None:
+            completion, weight_version = first
+        else:
+            async with limit:
+                result = await client.generate(rendered, sampling)
+            completion, weight_version = result.completions[0], result.weight_version
         nodes.append(TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
                                completion_logprobs=completion.logprobs, images=rendered.images,
                                num_messages=len(messages), finish_reason=completion.finish_reason,
-                               weight_version=result.weight_version, temperature=sampling.temperature))
+                               weight_version=weight_version, temperature=sampling.temperature))
         parsed = renderer.parse_response(completion.token_ids)
         new_messages, reward, done = env.step(parsed.content)
         messages = messages + [{"role": "assistant", "content": parsed.content}]
@@ -64,17 +145,3 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
     return Trace.build(rollout_id=uuid.uuid4().hex[:12], group_id=group_id, family=renderer.family,
                        image_pad_id=renderer.image_pad_id, stop_token_ids=renderer.stop_token_ids,
                        messages=messages, nodes=nodes, reward=reward, metrics=metrics)
-
-
-async def run_rollouts(envs: Sequence[Environment], renderer: Any, client: TrainClient, store: ImageStore,
-                       sampling: Sampling, concurrency: int = 64, group_ids: Sequence[str | None] | None = None,
-                       max_turns: int = 32) -> list[Trace]:
-    """Run many rollouts concurrently, at most ``concurrency`` at a time, results in input order."""
-    limit = asyncio.Semaphore(concurrency)
-    groups = list(group_ids) if group_ids is not None else [None] * len(envs)
-
-    async def one(env: Environment, group: str | None) -> Trace:
-        async with limit:
-            return await run_rollout(env, renderer, client, store, sampling, max_turns, group)
-
-    return list(await asyncio.gather(*(one(e, g) for e, g in zip(envs, groups))))

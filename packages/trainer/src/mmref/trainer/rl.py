@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, ColorCodewordEnv
-from mmref.client.rollout import run_rollouts
+from mmref.client.rollout import run_group_rollouts
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
@@ -154,16 +154,14 @@ class Orchestrator:
         """One GRPO batch (``prompts_per_step`` episodes, each played ``group_size`` times) and its request bytes."""
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
-        envs, groups = [], []
-        for prompt, seed in enumerate(seeds):
-            for _ in range(cfg.group_size):
-                envs.append(ColorCodewordEnv(self.env_config, seed=seed))
-                groups.append(f"s{step}-p{prompt}")
+        groups = [[ColorCodewordEnv(self.env_config, seed=seed) for _ in range(cfg.group_size)] for seed in seeds]
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         sent = client.bytes_sent
-        traces = await run_rollouts(envs, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
-                                    group_ids=groups)
-        return traces, client.bytes_sent - sent
+        # A group's members open alike (same seed): turn one is one n=group_size request per group.
+        traces = await run_group_rollouts(groups, self.renderer, client, self.store, sampling,
+                                          concurrency=cfg.concurrency,
+                                          group_ids=[f"s{step}-p{prompt}" for prompt in range(len(seeds))])
+        return [t for group in traces for t in group], client.bytes_sent - sent
 
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
         by_group: dict[str, list[Trace]] = {}

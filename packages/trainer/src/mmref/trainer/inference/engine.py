@@ -3,7 +3,9 @@
 The transformers engine queues requests (asyncio) for one worker thread that owns the
 model; requests waiting together with the same sampling params (and no seed) run as one
 left-padded ``generate`` batch, each with its ``n`` samples as rows; an image shared by
-several requests of a batch (a GRPO group) goes through the vision tower once.
+several requests of a batch (a GRPO group) goes through the vision tower once. A one-token
+request (``max_tokens == 1``) prefills its prompt once and draws its ``n`` tokens from that
+one distribution: a GRPO group sent as one ``n = G`` request costs one prompt forward.
 Image special tokens are removed from the sampling distribution and logprobs are reported
 under the same mask, recorded step by step (``inference.sampling.RecordingSampler``).
 """
@@ -139,7 +141,9 @@ class TransformersEngine:
         ids = torch.tensor([left_pad(j.prompt_ids, self.pad_token_id) for j in jobs], device=self.device)
         mask = torch.tensor([left_pad([1] * len(j.prompt_ids), 0) for j in jobs], device=self.device)
         types = torch.tensor([left_pad(j.mm_token_type_ids, 0) for j in jobs], device=self.device)
-        kwargs, images = self._image_inputs(jobs)
+        one_token = sampling.max_tokens == 1  # n draws from one prefill, not n prefills
+        expand = 1 if one_token else sampling.n
+        kwargs, images = self._image_inputs(jobs, expand)
         stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
         sampler = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
         with self._model_lock, images:
@@ -149,18 +153,22 @@ class TransformersEngine:
                 input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kwargs,
                 do_sample=sampling.temperature > 0, logits_processor=LogitsProcessorList([sampler]),
                 max_new_tokens=sampling.max_tokens, eos_token_id=stops, pad_token_id=self.pad_token_id,
-                num_return_sequences=sampling.n, return_dict_in_generate=True,
+                num_return_sequences=expand, return_dict_in_generate=True,
             )
-            token_logp = sampler.finish(out.sequences)
-        rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(out.sequences[:, width:], token_logp)]
+            if one_token:  # (B, n) -> (B * n, 1): rows job by job, n each, as generate lays them out
+                tokens, token_logp = (t.reshape(-1, 1) for t in sampler.draw(sampling.n, greedy=sampling.temperature == 0))
+            else:
+                tokens, token_logp = out.sequences[:, width:], sampler.finish(out.sequences)
+        rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(tokens, token_logp)]
         return [rows[i * sampling.n:(i + 1) * sampling.n] for i in range(len(jobs))]
 
-    def _image_inputs(self, jobs: Sequence[Job]) -> tuple[dict[str, torch.Tensor], AbstractContextManager]:
+    def _image_inputs(self, jobs: Sequence[Job], expand: int) -> tuple[dict[str, torch.Tensor], AbstractContextManager]:
         """``generate``'s image kwargs, and the context that runs the vision tower once per unique image.
 
-        A GRPO group sends the same image in each of its requests; with ``n == 1`` each unique
-        image (by sha256 where given, else by feature object) goes through the tower once.
-        With ``n > 1`` generate splits pixel_values per sample itself, so every slot is sent.
+        Requests of a batch may share images (a GRPO group sent as n=1 requests); when generate
+        runs each prompt once (``expand == 1``) each unique image (by sha256 where given, else by
+        feature object) goes through the tower once. When generate expands every prompt into
+        ``expand`` rows it splits pixel_values per row itself, so every slot is sent.
         """
         features = [f for job in jobs for f in job.features]
         if not features:
@@ -169,7 +177,7 @@ class TransformersEngine:
         first: dict = {}
         for key, feature in zip(keys, features):
             first.setdefault(key, feature)
-        shared = jobs[0].sampling.n == 1 and len(keys) == len(features) and len(first) < len(features)
+        shared = expand == 1 and len(keys) == len(features) and len(first) < len(features)
         unique = list(first.values()) if shared else features
         kwargs = dict(pixel_values=torch.cat([f.pixel_values for f in unique]).to(self.device),
                       image_grid_thw=torch.tensor([f.grid_thw for f in features], device=self.device))

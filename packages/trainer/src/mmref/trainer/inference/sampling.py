@@ -13,6 +13,10 @@ processor keeps one step instead. Each step it
 
 ``generate`` must add no processors of its own (temperature/top_p/top_k unset), so this
 one sees the raw logits. After ``generate``, ``finish(sequences)`` gathers the last step.
+
+One-token requests take ``n`` draws from one prefill instead: ``generate(max_new_tokens=1)``
+runs the prompt once per row, then ``draw(n)`` samples ``n`` tokens per row from the
+recorded distribution (a GRPO group of 8 is one prompt forward, not 8).
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ class RecordingSampler(LogitsProcessor):
             self._steps.append(self._gather(sequences[:, -1]))
             self._last = None
         return torch.stack(self._steps, dim=1) if self._steps else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+
+    def draw(self, n: int, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n) tokens drawn from the latest step's distribution and their (B, n) logprobs; ends the record.
+
+        Sampled as ``generate`` does (top-p truncated scores, softmax, multinomial), ``n`` draws
+        with replacement per row; greedy repeats the argmax. Logprobs are untruncated, as in ``finish``.
+        """
+        if self._last is None:
+            raise RuntimeError("draw() needs one recorded step: call generate with this processor first")
+        last, self._last = self._last, None
+        if greedy:
+            tokens = last.argmax(-1, keepdim=True).expand(-1, n)
+        else:
+            scores = self.top_p(None, last) if self.top_p is not None else last
+            tokens = torch.multinomial(scores.softmax(-1), n, replacement=True)
+        return tokens, last.gather(-1, tokens)
 
     def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._last.gather(-1, tokens[:, None].to(self._last.device)).squeeze(-1)
