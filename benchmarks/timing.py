@@ -7,10 +7,12 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeat`` calls."""
+def median_seconds(fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None) -> float:
+    """Median wall seconds of ``fn`` over ``repeat`` calls; ``setup`` runs before each call, untimed."""
     samples = []
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
