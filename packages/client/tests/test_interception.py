@@ -156,12 +156,13 @@ def test_a_conversation_that_does_not_extend_the_session_starts_a_new_episode(tm
     red, green = [_user("colour?", (200, 0, 0))], [_user("colour?", (0, 200, 0)), _user("sure?", (0, 0, 9))]
     key = {"Authorization": "Bearer k"}
     posts, got = _calls(app, ("/v1/chat/completions", {"messages": red}, key),
-                        ("/v1/chat/completions", {"messages": green}, key),
+                        ("/v1/chat/completions", {"messages": green, "temperature": 0.5}, key),
                         ("/sessions/k/v1/chat/completions", {"messages": red}, None))  # a retry of task 1
     assert [p.status_code for p in posts] == [200, 200, 200]
     traces = _traces(got["k"])
     assert [t.rollout_id for t in traces] == ["k#0", "k#1", "k#2"]
     assert [len(n.images) for t in traces for n in t.nodes] == [1, 2, 1]
+    assert [n.temperature for t in traces for n in t.nodes] == [1.0, 0.5, 1.0]  # the trainer scores at it
     assert traces[1].messages[-1] == {"role": "assistant", "content": "green"}
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["k.0.json", "k.1.json", "k.2.json"]
 

@@ -244,7 +244,7 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
         node = TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
                          completion_logprobs=completion.logprobs, images=rendered.images,
                          num_messages=len(messages), finish_reason=completion.finish_reason,
-                         weight_version=result.weight_version)
+                         weight_version=result.weight_version, temperature=request.sampling.temperature)
         session = sessions.setdefault(session_id, Session(session_id))
         episode = session.record(call, node)
         if trace_dir is not None:
