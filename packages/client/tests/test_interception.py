@@ -243,3 +243,15 @@ def test_stream_errors_are_plain_openai_errors(app):
 def test_content_pieces_join_to_the_content(content):
     pieces = sse.content_pieces(content)
     assert "".join(pieces) == content and all(pieces)
+
+
+@pytest.mark.parametrize("choice,needle", [
+    ({"token_ids": [151655, 151645], "logprobs": [-1.0, -1.0]}, "image-pad"),  # an image pad sampled
+    ({"token_ids": [9707, 151645], "logprobs": [-1.0]}, "logprobs"),
+    ({"token_ids": [2**40], "logprobs": [-1.0]}, "too large"),
+])
+def test_an_answer_that_cannot_be_recorded_is_a_502_and_leaves_no_session(tmp_path, choice, needle):
+    app, _ = _app(tmp_path, 200, {"choices": [{**choice, "finish_reason": "stop"}], "weight_version": 1})
+    response = post(app, {"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 502 and needle in response.json()["error"]["message"]
+    assert app.state.sessions == {}

@@ -236,15 +236,10 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
             return openai_error(400, f"inference server refused the request: {exc}", "invalid_request_error")
         except (ImageInputError, MMRefError, TraceError, ValueError, TypeError) as exc:
             return openai_error(400, str(exc), "invalid_request_error")
-        completion = result.completions[0]
-        answer = _chat_response(model_name, renderer.parse_response(completion.token_ids), completion, rendered)
-        reply = answer["choices"][0]["message"]
-        call = Call(parsed, messages + [reply], Message.model_validate(reply), request.tools, rendered,
-                    completion.token_ids)
-        node = TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
-                         completion_logprobs=completion.logprobs, images=rendered.images,
-                         num_messages=len(messages), finish_reason=completion.finish_reason,
-                         weight_version=result.weight_version, temperature=request.sampling.temperature)
+        try:  # an answer that cannot be read or recorded is the inference server's fault, not the agent's
+            answer, call, node = _answer(renderer, model_name, request, parsed, messages, rendered, result)
+        except (MMRefError, ValueError, TypeError, OverflowError) as exc:
+            return openai_error(502, f"the inference server's answer cannot be used: {exc}", "server_error")
         session = sessions.setdefault(session_id, Session(session_id))
         episode = session.record(call, node)
         if trace_dir is not None:
@@ -255,6 +250,28 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
         return JSONResponse(answer)
 
     return app
+
+
+def _answer(renderer: Any, model_name: str, request: ChatRequest, parsed: list[Message],
+            messages: list[dict[str, Any]], rendered: RenderedTokens, result: Any) -> tuple[dict, Call, TraceNode]:
+    """The ``chat.completion``, the call and its trace node, checked as a one-call trace before any is kept.
+
+    Raises ``ValueError`` (``TraceError``), ``TypeError`` or ``OverflowError`` for an answer that
+    does not decode or record (ids outside the vocabulary, misaligned logprobs, an image pad sampled).
+    """
+    completion = result.completions[0]
+    answer = _chat_response(model_name, renderer.parse_response(completion.token_ids), completion, rendered)
+    reply = answer["choices"][0]["message"]
+    call = Call(parsed, messages + [reply], Message.model_validate(reply), request.tools, rendered,
+                completion.token_ids)
+    node = TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
+                     completion_logprobs=completion.logprobs, images=rendered.images,
+                     num_messages=len(messages), finish_reason=completion.finish_reason,
+                     weight_version=result.weight_version, temperature=request.sampling.temperature)
+    # Every episode's trace then validates: its calls' messages are prefixes of its last call's.
+    Trace.build(rollout_id="check", family=renderer.family, image_pad_id=renderer.image_pad_id,
+                stop_token_ids=renderer.stop_token_ids, messages=call.messages, nodes=[node])
+    return answer, call, node
 
 
 def _write_trace(directory: Path, session_id: str, episode: int, trace: Trace) -> None:
