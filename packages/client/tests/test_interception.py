@@ -255,3 +255,30 @@ def test_an_answer_that_cannot_be_recorded_is_a_502_and_leaves_no_session(tmp_pa
     response = post(app, {"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 502 and needle in response.json()["error"]["message"]
     assert app.state.sessions == {}
+
+
+def test_overlapping_calls_of_one_session_never_mix_conversations(tmp_path):
+    renderer = create_renderer(qwen2_tokenizer(), "qwen2-vl", spec=layout_spec("qwen2-vl"))
+    answer = renderer.tokenizer.encode("ok") + [renderer.token_id("<|im_end|>")]
+
+    async def slow(request: httpx.Request) -> httpx.Response:  # both calls are in flight at once
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 4096}]})
+        await asyncio.sleep(0.05)
+        return httpx.Response(200, json={"choices": [{"token_ids": answer, "logprobs": [-1.0] * len(answer),
+                                                      "finish_reason": "stop"}]})
+    client = TrainClient("http://inference", transport=httpx.MockTransport(slow), max_retries=0)
+    app = create_interception_app(renderer, client, ImageStore(tmp_path / "store"))
+    first = [_user("one?", (1, 2, 3))]
+    branches = [first + [{"role": "assistant", "content": "ok"}, _user(text, color)]
+                for text, color in (("two?", (4, 5, 6)), ("three?", None))]
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://i") as c:
+            url = "/sessions/s/v1/chat/completions"
+            assert (await c.post(url, json={"messages": first})).status_code == 200
+            posts = await asyncio.gather(*(c.post(url, json={"messages": b}) for b in branches))
+            return [p.status_code for p in posts], await c.get("/sessions/s/trace")
+    statuses, got = asyncio.run(run())
+    # both branches bridged from the first call; the one recorded second does not extend the first branch
+    assert statuses == [200, 200] and [len(t.nodes) for t in _traces(got)] == [2, 1]
