@@ -2,7 +2,8 @@
 
 (a) image slots cover exactly the runs of pad tokens, and sum(num_tokens) == pad count;
 (b) a conversation built turn by turn with bridge_to_next_turn equals a full render;
-(c) parse_response inverts the rendering of an assistant message.
+(c) parse_response inverts the rendering of an assistant message;
+(d) special-token strings typed in text produce exactly the family's tags, bridged or not.
 """
 
 import functools
@@ -117,3 +118,31 @@ def test_parse_response_recovers_tool_calls(family, name, x, text):
     full = renderer.render(history + [call], add_generation_prompt=False).token_ids
     parsed = renderer.parse_response(full[len(prompt):])
     assert [(c.name, c.arguments, c.status) for c in parsed.tool_calls] == [(name, {"x": x, "note": text}, "ok")]
+
+
+def special_strings(family):
+    from mmref.renderers.tokenizer import QWEN_SPECIAL_TOKENS
+
+    return KIMI_SPECIAL_TOKENS if family == "kimi-k2.5" else QWEN_SPECIAL_TOKENS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_text_with_special_strings_yields_only_the_typed_tags_and_bridges_exactly(family, data):
+    """(d) Special strings typed in text: each tag typed is one id, nothing else is; bridged == full."""
+    renderer, _ = setup(family)
+    pieces = st.sampled_from([*special_strings(family), "a", " b", "\n", "<", "|>", "think>", "é"])
+    text = "".join(data.draw(st.lists(pieces, max_size=10)))
+    history = [{"role": "user", "content": "hi"}]
+    base = renderer.render(history + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "x"}])
+    full = renderer.render(history + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": text}])
+    allowed = {t: text.count(t) for t in renderer.text_tags if renderer.has_token(t)}
+    for token in special_strings(family):
+        if renderer.has_token(token):
+            extra = full.token_ids.count(renderer.token_id(token)) - base.token_ids.count(renderer.token_id(token))
+            assert extra == allowed.get(token, 0), token
+    prompt = renderer.render(history)
+    bridged = renderer.bridge_to_next_turn(prompt.token_ids, completion_ids(renderer, history, "ok"),
+                                           [{"role": "user", "content": text}], prompt.images, prev=prompt)
+    assert bridged.token_ids == full.token_ids
