@@ -28,7 +28,10 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<tool_response>", "</tool_response>", "<think>", "</think>",
 )
 QWEN_FIRST_SPECIAL_ID = 151_643
-# Tokens the tokenizer treats as control tokens (never produced from user text).
+# The published tokenizer_config marks the first 14 as special (control) tokens and the rest
+# (tool/think tags, FIM) as plain added tokens. Which of them text may produce is the
+# renderer's rule (``Renderer.text_tags``), whatever flags a tokenizer carries; all are added
+# here as special, so ``decode(skip_special_tokens=True)`` drops every one of them.
 _CONTROL = frozenset(QWEN_SPECIAL_TOKENS[:14])
 KIMI_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>",
