@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     intercept.add_argument("--family", default="qwen2-vl")
     intercept.add_argument("--host", default="127.0.0.1")
     intercept.add_argument("--port", type=int, default=8100)
-    intercept.add_argument("--trace-dir", help="write each session's trace to DIR/<session>.json after every call")
+    intercept.add_argument("--trace-dir", help="write each episode's trace to DIR/<session>.<episode>.json after every call")
     intercept.add_argument("--min-pixels", type=int)
     intercept.add_argument("--max-pixels", type=int)
     intercept.set_defaults(func=_intercept)
