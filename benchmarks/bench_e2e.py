@@ -1,179 +1,273 @@
-"""Wall time per step of ``mmref rl`` against a bare in-memory loop on the same model, task and batch.
+"""Wall time per step of ``mmref rl`` against a bare in-memory GRPO loop, same model, task and batch.
 
-The bare loop is what a single-process script would do: the environment's images go
-straight through the image processor, prompts are rendered in full each turn, rollouts
-sample in batches with the same engine code in memory, and the update is one padded
-forward/backward with the same loss and optimizer. No server, HTTP, store, refs,
-validation, packing or materializer. Both run ``STEPS`` steps after one warm-up step;
-``mmref rl`` runs synchronously for the comparison (``max_async = 0``: sample, then train)
-and once more as shipped (``max_async = 1``: the next batch samples while this one trains).
+The bare loop is the floor a single-process script reaches on ``examples/learnability.toml``
+(the algorithm of the ``grpo_color`` anchor script): each step draws ``prompts_per_step``
+colour-codeword images straight into PIL, runs them through the image processor once,
+forwards each prompt once (no grad) and draws the group's ``group_size`` one-token answers
+from its last logits, scores them, then forwards the same prompts again with grad for
+the group-normalized policy-gradient loss with the entropy bonus, clips and steps AdamW.
+No server, HTTP, store, refs, validation, traces, packing, transport or checkpoints.
 
-Prints one JSON line: seconds per step of each, the ratio (target <= 3x) and where the
-pipeline's step goes (rollouts: render + HTTP + validation + sampling; materialize;
-forward; backward; optimizer; weight sync and bookkeeping).
+``mmref rl`` runs the same config synchronously for the comparison (``max_async = 0``:
+sample, then train) and as shipped (``max_async = 1``). Runs alternate bare, mmref, mmref,
+bare so load from other processes hits both; each figure is the median step after one
+warm-up step. Prints one JSON line: both step times, the ratio (target <= 5x) and where an
+mmref step goes (from metrics.jsonl; the server's validation is timed by wrapping it here).
+
+    uv run python benchmarks/bench_e2e.py                       # ~1 minute
+    uv run python benchmarks/bench_e2e.py --to-0.9              # wall seconds to a 5-step mean reward of 0.9
+    uv run python benchmarks/bench_e2e.py --anchor ../shared/anchors/grpo_color.py   # also time that script
 """
 
 from __future__ import annotations
 
-import base64
+import argparse
 import io
 import json
+import random
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration-tests"))
-
-from mmref.client.envs.color_codeword import ColorCodewordConfig, ColorCodewordEnv  # noqa: E402
-from mmref.renderers import ImageStore  # noqa: E402
-from mmref.client.images import prepare_images  # noqa: E402
-from mmref.renderers.render import create_renderer  # noqa: E402
-from mmref.trainer.inference.api import SamplingParams  # noqa: E402
-from mmref.trainer.inference.engine import TransformersEngine, Job  # noqa: E402
-from mmref.trainer.logprobs import token_logprobs  # noqa: E402
-from mmref.trainer.loss import policy_loss  # noqa: E402
-from mmref.trainer.models import build_image_processor, image_token_ids_of  # noqa: E402
-from mmref.trainer.pixels import ImageFeatures  # noqa: E402
-from mmref.trainer.rl import build_policy, run_rl  # noqa: E402
-from mmref.trainer.run_config import RunConfig, load_run_config  # noqa: E402
-from mmref.trainer.samples import group_advantages  # noqa: E402
+from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, draw_shape_image
+from mmref.renderers import ImageStore
+from mmref.renderers.contract import make_ref
+from mmref.renderers.layout import describe_image
+from mmref.renderers.render import create_renderer
+from mmref.trainer.inference import server as inference_server
+from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
+from mmref.trainer.models import build_image_processor, image_token_ids_of
+from mmref.trainer.rl import build_policy, run_rl
+from mmref.trainer.run_config import RunConfig, load_run_config
+from mmref.trainer.samples import group_advantages
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 3
-
-
-def pil_images(messages: list[dict]) -> list[Image.Image]:
-    """The images of the environment's messages (data URLs), decoded in memory."""
-    out = []
-    for message in messages:
-        for part in message.get("content") or []:
-            if isinstance(part, dict) and part.get("type") == "image_url":
-                payload = part["image_url"]["url"].split(",", 1)[1]
-                out.append(Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB"))
-    return out
+CONFIG = ROOT / "examples" / "learnability.toml"
+TARGET = 5.0  # mmref rl step / bare step
 
 
 class BareLoop:
-    """GRPO on color-codeword in one process, pixels in memory."""
+    """GRPO on color-codeword in one process, pixels in memory, each group's prompt forwarded once."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns,
-                                              min_side=config.env.min_side, max_side=config.env.max_side,
-                                              system_prompt=config.env.system_prompt)
+        self.config, cfg = config, config.env
+        self.env = ColorCodewordConfig(colors=cfg.colors, turns=cfg.turns, min_side=cfg.min_side,
+                                       max_side=cfg.max_side, system_prompt=cfg.system_prompt)
         torch.manual_seed(config.seed)
-        self.tokenizer, self.model, spec = build_policy(config, self.env_config.words)
-        self.processor = build_image_processor(spec)
-        self.renderer = create_renderer(self.tokenizer, config.model.family, spec=spec)
-        # Token layout only: the renderer needs refs, so images get an in-memory store (no disk, no HTTP).
-        self.scratch = ImageStore("memory://bench-e2e-bare")
-        self.banned = image_token_ids_of(self.model)
-        self.engine = TransformersEngine(self.model, self.banned, self.renderer.stop_token_ids,
-                                         pad_token_id=self.renderer.stop_token_ids[0])
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr)
-        self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-                                       max_tokens=config.rollout.max_tokens)
+        self.rng = random.Random(config.seed)
+        self.tokenizer, self.model, self.spec = build_policy(config, self.env.words)
+        self.processor = build_image_processor(self.spec)
+        self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
+        self.banned = sorted(image_token_ids_of(self.model))
+        self.word_ids = {w: self.tokenizer.convert_tokens_to_ids(w) for w in self.env.words}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr, betas=(0.9, 0.99),
+                                           weight_decay=0.0)
+        self.scale = logprob_scale(config.rollout.temperature)
+        self._prompts: dict[tuple[int, int, int], list[int]] = {}  # token ids per resized grid
+        self._store = ImageStore("memory://bench-e2e-bare")
 
-    def features(self, messages: list[dict]) -> list[ImageFeatures]:
-        images = pil_images(messages)
-        if not images:
-            return []
-        out = self.processor(images=images, return_tensors="pt")
-        sizes = out["image_grid_thw"].prod(-1).tolist()
-        return [ImageFeatures(p, tuple(g)) for p, g in zip(out["pixel_values"].split(sizes), out["image_grid_thw"].tolist())]
+    def prompt_ids(self, width: int, height: int) -> list[int]:
+        """The rendered prompt of an image of this size (rendered once per grid: it depends on nothing else)."""
+        grid = describe_image(self.spec, width, height).grid_thw
+        if grid not in self._prompts:
+            from PIL import Image
+            ref = make_ref(self.spec, self._store.put_image(Image.new("RGB", (width, height))))
+            opening = [{"role": "system", "content": SYSTEM_PROMPT}] if self.env.system_prompt else []
+            messages = opening + [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": ref.encode()}}, {"type": "text", "text": QUESTION}]}]
+            self._prompts[grid] = list(self.renderer.render(messages).token_ids)
+        return self._prompts[grid]
 
-    def step(self, seed: int) -> float:
-        """One GRPO step; returns its wall seconds."""
-        start = time.perf_counter()
-        cfg = self.config.rollout
-        envs = [ColorCodewordEnv(self.env_config, seed=seed + p) for p in range(cfg.prompts_per_step)
-                for _ in range(cfg.group_size)]
-        conversations = [env.reset() for env in envs]
-        samples: list[tuple[list[int], list[int], list[float], list[ImageFeatures], int]] = []
-        rewards = [0.0] * len(envs)
-        for _ in range(self.env_config.turns):
-            jobs = []
-            for messages in conversations:
-                refs_messages, _ = prepare_images(messages, self.scratch, self.renderer.spec)
-                tokens = self.renderer.render(refs_messages)
-                types = [int(t == self.renderer.image_pad_id) for t in tokens.token_ids]
-                jobs.append(Job(tokens.token_ids, self.features(messages), types, self.sampling))
-            choices = [c for i in range(0, len(jobs), 32) for c in self.engine.generate_batch(jobs[i:i + 32])]
-            for index, (env, job, (choice,)) in enumerate(zip(envs, jobs, choices)):
-                text = self.renderer.parse_response(choice.token_ids).content
-                new, rewards[index], _ = env.step(text)
-                samples.append((job.prompt_ids, choice.token_ids, choice.logprobs, list(job.features), index))
-                conversations[index] = conversations[index] + [{"role": "assistant", "content": text}] + new
-        advantages = [a for g in range(0, len(rewards), cfg.group_size)
-                      for a in group_advantages(rewards[g:g + cfg.group_size])]
-        self.update(samples, advantages)
-        return time.perf_counter() - start
+    def batch(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """One left-padded model input of ``prompts_per_step`` fresh prompts, and their answers."""
+        images, targets, prompts = [], [], []
+        for _ in range(self.config.rollout.prompts_per_step):
+            rng = random.Random(self.rng.randrange(2**31))  # as ColorCodewordEnv._turn_message draws
+            color = rng.choice(self.env.words)
+            width = rng.randint(self.env.min_side, self.env.max_side)
+            height = rng.randint(self.env.min_side, self.env.max_side)
+            images.append(draw_shape_image(rng, color, width, height))
+            targets.append(color)
+            prompts.append(self.prompt_ids(width, height))
+        pixels = self.processor(images=images, return_tensors="pt")
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == self.renderer.image_pad_id).int(),
+                      pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        return inputs, targets
 
-    def update(self, samples, advantages: list[float]) -> None:
-        """One right-padded forward/backward over every sample, then an optimizer step."""
-        self.model.train()
-        width = max(len(p) + len(c) for p, c, *_ in samples)
-        ids = torch.zeros((len(samples), width), dtype=torch.long)
-        mask, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-        old, adv = torch.zeros(len(samples), width), torch.zeros(len(samples), width)
-        for row, (prompt, completion, logprobs, _, episode) in enumerate(samples):
-            tokens = prompt + completion
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            mask[row, :len(tokens)] = 1
-            loss_mask[row, len(prompt):len(tokens)] = True
-            old[row, len(prompt):len(tokens)] = torch.tensor(logprobs)
-            adv[row, len(prompt):len(tokens)] = advantages[episode]
-        feats = [f for *_, features, _ in samples for f in features]
-        logits = self.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == self.renderer.image_pad_id).int(),
-                            pixel_values=torch.cat([f.pixel_values for f in feats]),
-                            image_grid_thw=torch.tensor([f.grid_thw for f in feats]), use_cache=False).logits
-        logp = token_logprobs(logits[:, :-1], ids[:, 1:], self.banned)
-        entropy = torch.zeros_like(logp)
-        out = policy_loss(logp.flatten(), old[:, 1:].flatten(), adv[:, 1:].flatten(), loss_mask[:, 1:].flatten(),
-                          entropy.flatten(), self.config.train.clip_low, self.config.train.clip_high)
-        (out.loss_sum / max(out.tokens, 1)).backward()
+    def next_token_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, V) masked log-softmax of each prompt's next token at the sampling temperature."""
+        logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+        return masked_log_softmax(logits / self.scale, self.banned)
+
+    def step(self) -> float:
+        """One GRPO step; returns its mean reward."""
+        inputs, targets = self.batch()
+        group = self.config.rollout.group_size
+        with torch.no_grad():
+            tokens = torch.multinomial(self.next_token_logprobs(inputs).exp(), group, replacement=True)  # (B, G)
+        target_ids = torch.tensor([self.word_ids[t] for t in targets])
+        rewards = (tokens == target_ids[:, None]).float()
+        advantages = torch.tensor([group_advantages(r) for r in rewards.tolist()])
+        logp = self.next_token_logprobs(inputs)
+        probs = logp.exp()
+        entropy = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)
+        loss = -(advantages * logp.gather(1, tokens)).mean() - self.config.train.entropy_coef * entropy.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
+        return float(rewards.mean())
+
+    def timed_steps(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            times.append(time.perf_counter() - start)
+        return times
 
 
-def rl_step_times(max_async: int) -> tuple[RunConfig, dict[str, float], list[dict]]:
-    """Mean per-step metrics of ``mmref rl`` on the example (the first step is warm-up)."""
+class ValidationClock:
+    """Seconds the inference server spends in ``validate_request`` (wrapped for this benchmark only)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._real = 0.0, inference_server.validate_request
+
+    def __enter__(self) -> ValidationClock:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._real(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        inference_server.validate_request = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        inference_server.validate_request = self._real
+
+
+def run_mmref(overrides: list[str], validation: ValidationClock | None = None) -> tuple[RunConfig, list[dict], float]:
+    """Run ``mmref rl`` on the learnability config; its metrics.jsonl records and total wall seconds."""
     from rich.console import Console
 
-    config = load_run_config(ROOT / "examples" / "color-codeword.toml",
-                             [f"max_steps={STEPS + 1}", f"max_async={max_async}",
-                              f"output_dir={tempfile.mkdtemp(prefix='mmref-bench-e2e-')}"])
-    run_rl(config, Console(file=io.StringIO()))
+    config = load_run_config(CONFIG, [*overrides, f"output_dir='{tempfile.mkdtemp(prefix='mmref-bench-e2e-')}'"])
+    start = time.perf_counter()
+    if validation is None:
+        run_rl(config, Console(file=io.StringIO()))
+    else:
+        with validation:
+            run_rl(config, Console(file=io.StringIO()))
+    wall = time.perf_counter() - start
     metrics = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    keys = ("step_s", "rollout_s", "train_s", "materialize_s", "forward_s", "backward_s", "optimizer_s")
-    return config, {k: sum(m[k] for m in metrics[1:]) / STEPS for k in keys}, metrics
+    return config, metrics, wall
 
 
-def main() -> dict:
-    config, sync, metrics = rl_step_times(max_async=0)  # like for like: sample, then train
-    _, overlapped, _ = rl_step_times(max_async=1)
-    bare = BareLoop(config)
-    bare.step(seed=0)  # warm-up
-    bare_s = sum(bare.step(seed=1000 * (i + 1)) for i in range(STEPS)) / STEPS
-    trained = sync["materialize_s"] + sync["forward_s"] + sync["backward_s"] + sync["optimizer_s"]
-    return {
-        "benchmark": "e2e", "steps": STEPS, "rollouts_per_step": metrics[0]["rollouts"], "turns": config.env.turns,
-        "mmref_rl_step_s": round(sync["step_s"], 3), "bare_step_s": round(bare_s, 3),
-        "rl_over_bare": round(sync["step_s"] / bare_s, 2), "target_rl_over_bare": 3.0,
-        "mmref_rl_step_s_max_async_1": round(overlapped["step_s"], 3),
-        "rl_split_s": {"rollouts (render, HTTP, validation, sampling)": round(sync["rollout_s"], 3),
-                       "materialize": round(sync["materialize_s"], 3), "forward": round(sync["forward_s"], 3),
-                       "backward": round(sync["backward_s"], 3), "optimizer": round(sync["optimizer_s"], 3),
-                       "weight sync + bookkeeping": round(sync["step_s"] - sync["rollout_s"] - trained, 3)},
-        "request_bytes_per_step": metrics[-1]["request_bytes"] // (STEPS + 1),
-        "ok": sync["step_s"] / bare_s <= 3.0,
+def median(records: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in records)
+
+
+def split(records: list[dict], validation_s: float) -> dict[str, float]:
+    """Median seconds of each part of a synchronous mmref step (``max_async = 0``)."""
+    parts = {
+        "env (reset/step)": median(records, "rollout_env_s"),
+        "render (prepare, render, parse)": median(records, "rollout_render_s"),
+        "validation (server)": validation_s,
+        "generate (engine)": median(records, "rollout_generate_s"),
+        "HTTP + server rest": median(records, "rollout_http_server_s") - validation_s,
+        "samples": median(records, "samples_s"),
+        "pack": median(records, "pack_s"),
+        "transport (send)": median(records, "transport_s"),
+        "materialize": median(records, "materialize_s"),
+        "forward": median(records, "forward_s"),
+        "backward": median(records, "backward_s"),
+        "optimizer": median(records, "optimizer_s"),
+        "weight load (server)": median(records, "weight_load_s"),
     }
+    trainer_rest = [r["trainer_s"] - sum(r[k] for k in ("transport_s", "materialize_s", "forward_s", "backward_s",
+                                                         "optimizer_s", "weight_load_s")) for r in records]
+    parts["sync rest (checkpoint write, POST, rank recv, poll)"] = statistics.median(trainer_rest)
+    step = median(records, "step_s")
+    parts["unaccounted"] = step - sum(parts.values())
+    return {k: round(v, 4) for k, v in parts.items()}
+
+
+def anchor_ms_per_step(path: str, steps: int) -> float:
+    """Median ms/step of the anchor script, run as its docstring says (a separate process)."""
+    out = subprocess.run([sys.executable, path, "--B", "32", "--G", "8", "--lr", "2e-3", "--L", "1", "--vdepth", "1",
+                          "--tie", "1", "--ent", "0.01", "--steps", str(steps), "--threads", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    done = [json.loads(line) for line in out.splitlines() if '"event": "done"' in line][-1]
+    return float(done["median_ms_step"])
+
+
+def short(args: argparse.Namespace) -> dict:
+    steps = args.steps
+    config = load_run_config(CONFIG, [])
+    bare = BareLoop(config)
+    bare.timed_steps(1)  # warm-up
+    bare_times = bare.timed_steps(steps)
+    validation = ValidationClock()
+    sync_config, sync, _ = run_mmref([f"max_steps={steps + 1}", "max_async=0"], validation)
+    validation_s = validation.seconds / (steps + 1)  # per step (the warm-up step included: a small bias)
+    _, overlapped, _ = run_mmref([f"max_steps={steps + 1}", "max_async=1"])
+    bare_times += bare.timed_steps(steps)
+    bare_s = statistics.median(bare_times)
+    rl_s, rl1_s = median(sync[1:], "step_s"), median(overlapped[1:], "step_s")
+    result = {
+        "benchmark": "e2e", "config": str(CONFIG.relative_to(ROOT)), "steps": steps,
+        "rollouts_per_step": sync[0]["rollouts"], "requests_per_step": sync[-1]["rollout_requests"],
+        "bare_step_s": round(bare_s, 4), "mmref_rl_step_s": round(rl_s, 4), "rl_over_bare": round(rl_s / bare_s, 2),
+        "mmref_rl_step_s_max_async_1": round(rl1_s, 4), "rl_over_bare_max_async_1": round(rl1_s / bare_s, 2),
+        "target_rl_over_bare": TARGET, "ok": rl_s / bare_s <= TARGET,
+        "rl_split_s": split(sync[1:], validation_s),
+        "forward_tokens_per_step": round(statistics.median(
+            r["rows"] * r["occupancy"] * sync_config.train.max_seq_len for r in sync[1:])),
+        "threads": torch.get_num_threads(),
+    }
+    if args.anchor:
+        result["anchor_step_s"] = round(anchor_ms_per_step(args.anchor, 30) / 1000, 4)
+    return result
+
+
+def to_target(args: argparse.Namespace, threshold: float = 0.9) -> dict:
+    """Wall seconds (and steps) until the 5-step mean reward reaches ``threshold``: bare loop and mmref rl."""
+    config = load_run_config(CONFIG, [])
+    bare, rewards, start, bare_hit = BareLoop(config), [], time.perf_counter(), None
+    for step in range(args.max_steps):
+        rewards.append(bare.step())
+        if len(rewards) >= 5 and sum(rewards[-5:]) / 5 >= threshold:
+            bare_hit = {"step": step, "wall_s": round(time.perf_counter() - start, 2)}
+            break
+    _, metrics, wall = run_mmref([])  # as shipped (max_async = 1, the config's max_steps)
+    mmref_hit, elapsed = None, 0.0
+    for i, record in enumerate(metrics):
+        elapsed += record["step_s"]
+        window = metrics[max(0, i - 4):i + 1]
+        if i >= 4 and sum(m["reward_mean"] for m in window) / 5 >= threshold:
+            mmref_hit = {"step": i, "steps_wall_s": round(elapsed, 2)}
+            break
+    return {"benchmark": "e2e_to_0.9", "config": str(CONFIG.relative_to(ROOT)), "threshold": threshold,
+            "bare": bare_hit, "bare_last5": round(sum(rewards[-5:]) / 5, 3), "mmref_rl": mmref_hit,
+            "mmref_rl_run_wall_s": round(wall, 2), "mmref_rl_last5": round(sum(m["reward_mean"] for m in metrics[-5:]) / 5, 3)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="measured steps of each run after one warm-up step")
+    parser.add_argument("--to-0.9", dest="to_target", action="store_true", help="time to a 5-step mean reward of 0.9")
+    parser.add_argument("--max-steps", type=int, default=200, help="bare loop's step limit in --to-0.9")
+    parser.add_argument("--anchor", help="path of the anchor script to time in the same run (never imported)")
+    args = parser.parse_args(argv)
+    return to_target(args) if args.to_target else short(args)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
 from mmref.client.errors import InferenceServerError
@@ -28,6 +29,26 @@ from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
 from mmref.client.train_client import Completion, Sampling, TrainClient
 from mmref.renderers.store import ImageStore
+
+
+@dataclasses.dataclass
+class RolloutClock:
+    """Seconds rollouts spent in the client's own synchronous work (``perf_counter`` sums).
+
+    ``env_s``: the environment's ``reset``/``step``; ``render_s``: preparing images, rendering,
+    bridging and parsing replies. What is left of a batch's wall time is waiting on the server.
+    """
+
+    env_s: float = 0.0
+    render_s: float = 0.0
+
+    @contextmanager
+    def timing(self, field: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, field, getattr(self, field) + time.perf_counter() - start)
 
 
 class Environment(Protocol):
@@ -46,26 +67,33 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
     _check_one_per_turn(sampling)
     messages, _ = prepare_images(env.reset(), store, renderer.spec)
     return await _play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
-                       group_id, nullcontext())
+                       group_id, nullcontext(), RolloutClock())
 
 
 async def run_group_rollout(envs: Sequence[Environment], renderer: Any, client: TrainClient, store: ImageStore,
                             sampling: Sampling, max_turns: int = 32, group_id: str | None = None,
-                            limit: AbstractAsyncContextManager | None = None) -> list[Trace]:
+                            limit: AbstractAsyncContextManager | None = None,
+                            clock: RolloutClock | None = None) -> list[Trace]:
     """Play a group of episodes; if every member opens with the same messages, turn one is one ``n = G`` request.
 
     Members whose openings differ play as separate rollouts. ``limit`` (a semaphore) is held
-    around each request to the server. Results are in ``envs`` order.
+    around each request to the server; ``clock`` collects the client-side seconds. Results
+    are in ``envs`` order.
     """
     _check_one_per_turn(sampling)
     limit = limit if limit is not None else nullcontext()
-    openings = [env.reset() for env in envs]
-    if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare once, same refs
-        prepared = [prepare_images(openings[0], store, renderer.spec)[0]] * len(openings)
-    else:
-        prepared = [prepare_images(o, store, renderer.spec)[0] for o in openings]
-    if max_turns >= 1 and len(prepared) > 1 and all(p == prepared[0] for p in prepared[1:]):
-        rendered = renderer.render(prepared[0])
+    clock = clock if clock is not None else RolloutClock()
+    with clock.timing("env_s"):
+        openings = [env.reset() for env in envs]
+    with clock.timing("render_s"):
+        if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare once, same refs
+            prepared = [prepare_images(openings[0], store, renderer.spec)[0]] * len(openings)
+        else:
+            prepared = [prepare_images(o, store, renderer.spec)[0] for o in openings]
+        shared = max_turns >= 1 and len(prepared) > 1 and all(p == prepared[0] for p in prepared[1:])
+        rendered = [renderer.render(prepared[0])] if shared else [renderer.render(m) for m in prepared]
+    if shared:
+        rendered = rendered[0]
         async with limit:
             result = await client.generate(rendered, dataclasses.replace(sampling, n=len(envs)))
         if len(result.completions) != len(envs):
@@ -73,10 +101,10 @@ async def run_group_rollout(envs: Sequence[Environment], renderer: Any, client: 
                                        f"got {len(result.completions)}")
         firsts = [(c, result.weight_version) for c in result.completions]
         plays = [_play(env, list(prepared[0]), rendered, first, renderer, client, store, sampling, max_turns,
-                       group_id, limit) for env, first in zip(envs, firsts)]
+                       group_id, limit, clock) for env, first in zip(envs, firsts)]
     else:
-        plays = [_play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
-                       group_id, limit) for env, messages in zip(envs, prepared)]
+        plays = [_play(env, messages, tokens, None, renderer, client, store, sampling, max_turns, group_id, limit, clock)
+                 for env, messages, tokens in zip(envs, prepared, rendered)]
     return list(await asyncio.gather(*plays))
 
 
@@ -96,12 +124,13 @@ async def run_rollouts(envs: Sequence[Environment], renderer: Any, client: Train
 
 async def run_group_rollouts(groups: Sequence[Sequence[Environment]], renderer: Any, client: TrainClient,
                              store: ImageStore, sampling: Sampling, concurrency: int = 64,
-                             group_ids: Sequence[str | None] | None = None, max_turns: int = 32) -> list[list[Trace]]:
+                             group_ids: Sequence[str | None] | None = None, max_turns: int = 32,
+                             clock: RolloutClock | None = None) -> list[list[Trace]]:
     """``run_group_rollout`` for every group concurrently, at most ``concurrency`` requests in flight."""
     limit = asyncio.Semaphore(concurrency)
     ids = list(group_ids) if group_ids is not None else [None] * len(groups)
-    return list(await asyncio.gather(*(run_group_rollout(envs, renderer, client, store, sampling, max_turns, gid, limit)
-                                       for envs, gid in zip(groups, ids))))
+    return list(await asyncio.gather(*(run_group_rollout(envs, renderer, client, store, sampling, max_turns, gid, limit,
+                                                         clock) for envs, gid in zip(groups, ids))))
 
 
 def _check_one_per_turn(sampling: Sampling) -> None:
@@ -113,7 +142,7 @@ def _check_one_per_turn(sampling: Sampling) -> None:
 async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
                 first: tuple[Completion, int] | None, renderer: Any, client: TrainClient, store: ImageStore,
                 sampling: Sampling, max_turns: int, group_id: str | None,
-                limit: AbstractAsyncContextManager) -> Trace:
+                limit: AbstractAsyncContextManager, clock: RolloutClock) -> Trace:
     """The turn loop from the opening ``messages`` (rendered); ``first`` is turn one's completion if already sampled."""
     nodes, reward, metrics = [], 0.0, {"bridged_turns": 0.0, "full_renders": 1.0}
     for turn in range(max_turns):
@@ -127,21 +156,24 @@ async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
                                completion_logprobs=completion.logprobs, images=rendered.images,
                                num_messages=len(messages), finish_reason=completion.finish_reason,
                                weight_version=weight_version, temperature=sampling.temperature))
-        parsed = renderer.parse_response(completion.token_ids)
-        new_messages, reward, done = env.step(parsed.content)
+        with clock.timing("render_s"):
+            parsed = renderer.parse_response(completion.token_ids)
+        with clock.timing("env_s"):
+            new_messages, reward, done = env.step(parsed.content)
         messages = messages + [{"role": "assistant", "content": parsed.content}]
         if done:
             break
-        new_messages, _ = prepare_images(new_messages, store, renderer.spec)
-        bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages, rendered.images,
-                                               prev=rendered)
-        messages = messages + new_messages
-        if bridged is None:
-            rendered = renderer.render(messages)
-            metrics["full_renders"] += 1
-        else:
-            rendered = bridged
-            metrics["bridged_turns"] += 1
+        with clock.timing("render_s"):
+            new_messages, _ = prepare_images(new_messages, store, renderer.spec)
+            bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages,
+                                                   rendered.images, prev=rendered)
+            messages = messages + new_messages
+            if bridged is None:
+                rendered = renderer.render(messages)
+                metrics["full_renders"] += 1
+            else:
+                rendered = bridged
+                metrics["bridged_turns"] += 1
     return Trace.build(rollout_id=uuid.uuid4().hex[:12], group_id=group_id, family=renderer.family,
                        image_pad_id=renderer.image_pad_id, stop_token_ids=renderer.stop_token_ids,
                        messages=messages, nodes=nodes, reward=reward, metrics=metrics)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, ColorCodewordEnv
-from mmref.client.rollout import run_group_rollouts
+from mmref.client.rollout import RolloutClock, run_group_rollouts
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
@@ -41,7 +42,7 @@ from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.models import TinySize, build_image_processor, build_tiny_model, image_token_ids_of, processor_spec
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
-from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer
+from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages
 from mmref.trainer.step import PolicyTrainer
@@ -148,20 +149,32 @@ class Orchestrator:
             init_checkpoint=str(initial), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train)
-        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout)
+        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1])
 
-    async def collect(self, client: TrainClient, step: int) -> tuple[list[Trace], int]:
-        """One GRPO batch (``prompts_per_step`` episodes, each played ``group_size`` times) and its request bytes."""
+    def threads_per_role(self) -> tuple[int | None, int | None]:
+        """(this process's, each rank's) torch threads on CPU: split when sampling overlaps training; None: defaults."""
+        if self.device != "cpu" or self.config.max_async == 0 or self.config.train.nproc == 0:
+            return None, None
+        return cpu_threads_per_role(os.cpu_count() or 1, self.config.train.nproc, overlapped=True)
+
+    async def collect(self, client: TrainClient, step: int) -> tuple[list[Trace], int, dict[str, float]]:
+        """One GRPO batch (``prompts_per_step`` episodes, each played ``group_size`` times), its request bytes
+        and where its seconds went (client env/render, engine sampling, the rest: HTTP and the server)."""
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
         groups = [[ColorCodewordEnv(self.env_config, seed=seed) for _ in range(cfg.group_size)] for seed in seeds]
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
-        sent = client.bytes_sent
+        sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
+        clock, generated, start = RolloutClock(), engine.generate_s, time.perf_counter()
         # A group's members open alike (same seed): turn one is one n=group_size request per group.
         traces = await run_group_rollouts(groups, self.renderer, client, self.store, sampling,
                                           concurrency=cfg.concurrency,
-                                          group_ids=[f"s{step}-p{prompt}" for prompt in range(len(seeds))])
-        return [t for group in traces for t in group], client.bytes_sent - sent
+                                          group_ids=[f"s{step}-p{prompt}" for prompt in range(len(seeds))], clock=clock)
+        wall, generate_s = time.perf_counter() - start, engine.generate_s - generated
+        times = {"collect_s": wall, "env_s": clock.env_s, "render_s": clock.render_s, "generate_s": generate_s,
+                 "http_server_s": wall - clock.env_s - clock.render_s - generate_s,
+                 "requests": client.requests - requests}
+        return [t for group in traces for t in group], client.bytes_sent - sent, times
 
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
         by_group: dict[str, list[Trace]] = {}
@@ -193,6 +206,10 @@ def pixel_values_nbytes(rows: list[PackedRow], spec) -> int:
 
 async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any) -> list[dict]:
     trainer = orch.make_trainer(base_url)
+    sampler_threads, _ = orch.threads_per_role()
+    threads = torch.get_num_threads()
+    if sampler_threads is not None:  # the inference engine's forward passes run in this process
+        torch.set_num_threads(sampler_threads)
     ok = False
     try:
         progress.update(task, description=f"starting {orch.config.train.nproc or 'in-process'} trainer rank(s)")
@@ -201,6 +218,7 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
         ok = True
         return history
     finally:
+        torch.set_num_threads(threads)
         await trainer.close(ok)
 
 
@@ -211,14 +229,18 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
         pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
             start = time.perf_counter()
-            traces, request_bytes = await pending
+            traces, request_bytes, rollout_times = await pending
             rollout_s = time.perf_counter() - start  # the wait for this step's rollouts
             if config.max_async >= 1 and step + 1 < config.max_steps:
                 # Off-policy by at most one step: the next batch samples while this one trains.
                 pending = asyncio.create_task(orch.collect(client, step + 1))
+            mark = time.perf_counter()
             samples = orch.samples(traces)
+            samples_s, mark = time.perf_counter() - mark, time.perf_counter()
             rows = pack(samples, config.train.max_seq_len)
+            pack_s, mark, loaded = time.perf_counter() - mark, time.perf_counter(), orch.served.engine.load_s
             step_metrics = await trainer.step(step, rows)  # returns once the server has the new weights
+            trainer_s, weight_load_s = time.perf_counter() - mark, orch.served.engine.load_s - loaded
             train_s = time.perf_counter() - start - rollout_s
             if config.max_async == 0 and step + 1 < config.max_steps:
                 pending = asyncio.create_task(orch.collect(client, step + 1))
@@ -231,6 +253,8 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
                        "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
                        "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
                        "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,
+                       **{f"rollout_{k}": v for k, v in rollout_times.items()},
+                       "samples_s": samples_s, "pack_s": pack_s, "trainer_s": trainer_s, "weight_load_s": weight_load_s,
                        "request_bytes": request_bytes,
                        "pixel_values_bytes": pixel_values_nbytes(rows, orch.spec), "off_policy_lag": lag,
                        **step_metrics}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ class TransformersEngine:
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = threading.Lock()
+        # perf_counter sums a caller reads as deltas (mmref rl's per-step split): sampling, weight loads
+        self.generate_s = 0.0
+        self.load_s = 0.0
 
     async def generate(self, prompt_ids, features, mm_token_type_ids, sampling, image_sha256=()) -> list[Choice]:
         loop = asyncio.get_running_loop()
@@ -114,6 +118,7 @@ class TransformersEngine:
     def _run_jobs(self, jobs: list[Job]) -> list[list[Choice] | BaseException]:
         """Run drained jobs, batching those with equal sampling params and no seed into one ``generate``."""
         results: dict[int, list[Choice] | BaseException] = {}
+        start = time.perf_counter()
         for batch in _batches(jobs):
             try:
                 for job, choices in zip(batch, self.generate_batch(batch)):
@@ -124,6 +129,7 @@ class TransformersEngine:
                         results[id(job)] = self._run_jobs([job])[0]
                 else:
                     results[id(batch[0])] = exc
+        self.generate_s += time.perf_counter() - start
         return [results[id(job)] for job in jobs]
 
     @torch.no_grad()
@@ -191,7 +197,10 @@ class TransformersEngine:
     async def update_weights(self, path: str) -> int:
         def load() -> int:
             with self._model_lock:
-                return load_weights_into(self.model, Path(path))
+                start = time.perf_counter()
+                version = load_weights_into(self.model, Path(path))
+                self.load_s += time.perf_counter() - start
+                return version
         self.weight_version = await asyncio.to_thread(load)
         return self.weight_version
 
