@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from mmref.client.errors import InferenceServerError
-from mmref.client.rollout import run_group_rollout, run_group_rollouts, run_rollout, run_rollouts
+from mmref.client.rollout import ResetCopies, run_group_rollout, run_group_rollouts, run_rollout, run_rollouts
 from mmref.client.train_client import Sampling
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
@@ -129,3 +129,43 @@ def test_group_rollouts_hold_the_request_limit_and_keep_group_order(renderer, tm
     assert client.peak == 2
     assert [[t.messages[0]["content"] for t in group] for group in traces] == [[f"hello e{g}"] * 3 for g in range(5)]
     assert [{t.group_id for t in group} for group in traces] == [{f"g{g}"} for g in range(5)]
+
+
+class CountingEnv(ScriptedEnv):
+    resets = 0
+
+    def reset(self):
+        CountingEnv.resets += 1
+        return super().reset()
+
+
+def test_reset_copies_reset_once_and_play_what_same_seed_members_play(renderer, tmp_path):
+    store, sampling = ImageStore(tmp_path), Sampling(max_tokens=4)
+    CountingEnv.resets = 0
+    copied = asyncio.run(run_group_rollout(ResetCopies(CountingEnv("a", inject_assistant=True), 3), renderer,
+                                           FakeClient(renderer), store, sampling, group_id="g"))
+    assert CountingEnv.resets == 1
+    members = asyncio.run(run_group_rollout([ScriptedEnv("a", inject_assistant=True) for _ in range(3)], renderer,
+                                            FakeClient(renderer), store, sampling, group_id="g"))
+    assert [structure(t) for t in copied] == [structure(t) for t in members]
+    # each copy keeps its own episode state: every member played all three turns
+    assert [len(t.nodes) for t in copied] == [3, 3, 3]
+
+
+def test_a_group_of_image_openings_shares_one_prompt_with_the_refs_a_member_alone_gets(renderer, tmp_path):
+    from PIL import Image
+
+    class ImageEnv:
+        def reset(self):
+            return [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (56, 84), (200, 10, 10))},
+                                                 {"type": "text", "text": "colour?"}]}]
+
+        def step(self, completion_text):
+            return [], 1.0, True
+
+    store, sampling = ImageStore(tmp_path), Sampling(max_tokens=4)
+    client = FakeClient(renderer)
+    group = asyncio.run(run_group_rollout([ImageEnv() for _ in range(4)], renderer, client, store, sampling))
+    alone = asyncio.run(run_rollout(ImageEnv(), renderer, FakeClient(renderer), store, sampling))
+    assert client.ns == [4] and all(structure(t)[:3] == structure(alone)[:3] for t in group)
+    assert group[0].nodes[0].images and group[0].nodes[0].images == alone.nodes[0].images

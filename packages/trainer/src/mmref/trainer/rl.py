@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, ColorCodewordEnv
-from mmref.client.rollout import RolloutClock, run_group_rollouts
+from mmref.client.rollout import ResetCopies, RolloutClock, run_group_rollouts
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
@@ -162,7 +162,8 @@ class Orchestrator:
         and where its seconds went (client env/render, engine sampling, the rest: HTTP and the server)."""
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
-        groups = [[ColorCodewordEnv(self.env_config, seed=seed) for _ in range(cfg.group_size)] for seed in seeds]
+        # Seeded: one reset per group, deep-copied per member, plays what group_size same-seed envs would.
+        groups = [ResetCopies(ColorCodewordEnv(self.env_config, seed=seed), cfg.group_size) for seed in seeds]
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
         clock, generated, start = RolloutClock(), engine.generate_s, time.perf_counter()
