@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -200,10 +201,10 @@ def split(records: list[dict], validation_s: float) -> dict[str, float]:
     return {k: round(v, 4) for k, v in parts.items()}
 
 
-def anchor_ms_per_step(path: str, steps: int) -> float:
+def anchor_ms_per_step(path: str, steps: int, threads: int) -> float:
     """Median ms/step of the anchor script, run as its docstring says (a separate process)."""
     out = subprocess.run([sys.executable, path, "--B", "32", "--G", "8", "--lr", "2e-3", "--L", "1", "--vdepth", "1",
-                          "--tie", "1", "--ent", "0.01", "--steps", str(steps), "--threads", "2"],
+                          "--tie", "1", "--ent", "0.01", "--steps", str(steps), "--threads", str(threads)],
                          capture_output=True, text=True, check=True).stdout
     done = [json.loads(line) for line in out.splitlines() if '"event": "done"' in line][-1]
     return float(done["median_ms_step"])
@@ -234,7 +235,7 @@ def short(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
     }
     if args.anchor:
-        result["anchor_step_s"] = round(anchor_ms_per_step(args.anchor, 30) / 1000, 4)
+        result["anchor_step_s"] = round(anchor_ms_per_step(args.anchor, 30, torch.get_num_threads()) / 1000, 4)
     return result
 
 
@@ -266,7 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--to-0.9", dest="to_target", action="store_true", help="time to a 5-step mean reward of 0.9")
     parser.add_argument("--max-steps", type=int, default=200, help="bare loop's step limit in --to-0.9")
     parser.add_argument("--anchor", help="path of the anchor script to time in the same run (never imported)")
+    parser.add_argument("--threads", type=int, help="torch threads of every process: the bare loop, mmref's "
+                        "server and ranks, the anchor (default: torch's; on a machine loaded by others, 1 keeps "
+                        "OpenMP pools from stalling)")
     args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the torchrun ranks inherit it
+        torch.set_num_threads(args.threads)
     return to_target(args) if args.to_target else short(args)
 
 

@@ -117,7 +117,8 @@ def test_a_response_with_fewer_completions_than_n_is_a_server_error():
 
 
 def test_idle_connections_are_kept_for_every_concurrent_request():
-    """Two waves of 30 concurrent requests open 30 connections, not 30 + the 10 httpx's default pool of 20 drops."""
+    """Two waves of 30 concurrent requests on 30 connections open 30, not 30 + the 10 httpx's default pool of 20
+    idle connections drops."""
     opened, arrived = [], []
     waves = {1: asyncio.Event(), 2: asyncio.Event()}
     body = json.dumps(OK[1]).encode()
@@ -150,7 +151,7 @@ def test_idle_connections_are_kept_for_every_concurrent_request():
     async def go():
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        async with server, TrainClient(f"http://127.0.0.1:{port}") as client:
+        async with server, TrainClient(f"http://127.0.0.1:{port}", max_connections=30) as client:
             await client.max_model_len()
             for _ in range(2):
                 await asyncio.gather(*(client.generate(Rendered(), Sampling(max_tokens=4)) for _ in range(30)))

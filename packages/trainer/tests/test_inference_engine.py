@@ -183,10 +183,11 @@ def test_batched_requests_encode_each_shared_image_once_with_unchanged_logprobs(
         assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
-def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_logprob(temperature, top_p):
+def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_logprob(family, temperature, top_p):
     """n=8, max_tokens=1 (a GRPO group as one request): one prompt row through the model, 8 draws."""
-    model = served("qwen2-vl")
+    model = served(family)
     app, store = app_and_store(model)
     ids, slots = prompt_with_images(stored_refs(model, store, 2))
     text_rows, tower_rows = [], []
@@ -203,7 +204,7 @@ def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_lo
     choices = response.json()["choices"]
     assert len(choices) == 8 and all(len(c["token_ids"]) == len(c["logprobs"]) == 1 for c in choices)
     assert text_rows == [1]  # one prefill of one row: the 8 samples share it
-    assert tower_rows == [sum(s["length"] * 4 for s in slots)]  # each image's patches once (merge 2x2)
+    assert tower_rows == [sum(parse_ref(s["ref"]).num_tokens * 4 for s in slots)]  # each image once (merge 2x2)
     assert len({c["token_ids"][0] for c in choices}) > 1  # 8 independent draws from a random model
     for choice in choices:
         trainer = teacher_forced(model, store, ids, slots, choice["token_ids"], temperature)
@@ -211,12 +212,14 @@ def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_lo
         assert choice["finish_reason"] == ("stop" if choice["token_ids"][0] in (151645, 151643) else "length")
 
 
-def test_one_token_requests_batch_with_each_group_row_in_request_order():
-    """Concurrent n=3 one-token requests of different prompts: each gets its own prompt's draws."""
-    model = served("qwen2-vl")
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_one_token_requests_batch_with_each_group_row_in_request_order(family):
+    """Concurrent n=3 one-token requests of different prompts (text-only among them, left-padded): each
+    gets draws from its own prompt's distribution."""
+    model = served(family)
     app, store = app_and_store(model)
     refs = stored_refs(model, store, 3)
-    prompts = [prompt_with_images(refs[:k]) for k in (1, 2, 3)]
+    prompts = [prompt_with_images(refs[:k]) for k in (1, 0, 2, 3)]
     calls = []
     real = model.engine.generate_batch
     model.engine.generate_batch = lambda jobs: calls.append(len(jobs)) or real(jobs)

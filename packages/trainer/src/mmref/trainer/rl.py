@@ -155,7 +155,8 @@ class Orchestrator:
         """(this process's, each rank's) torch threads on CPU: split when sampling overlaps training; None: defaults."""
         if self.device != "cpu" or self.config.max_async == 0 or self.config.train.nproc == 0:
             return None, None
-        return cpu_threads_per_role(os.cpu_count() or 1, self.config.train.nproc, overlapped=True)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cpu_threads_per_role(cpus, self.config.train.nproc, overlapped=True)
 
     async def collect(self, client: TrainClient, step: int) -> tuple[list[Trace], int, dict[str, float]]:
         """One GRPO batch (``prompts_per_step`` episodes, each played ``group_size`` times), its request bytes
