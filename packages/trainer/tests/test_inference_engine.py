@@ -246,3 +246,30 @@ def test_greedy_one_token_group_repeats_the_argmax():
     longer = generate(app, ids, slots, max_tokens=2, n=1, temperature=0).json()["choices"][0]
     assert [c["token_ids"] for c in choices] == [longer["token_ids"][:1]] * 4
     assert all(abs(c["logprobs"][0] - longer["logprobs"][0]) <= 1e-5 for c in choices)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_multi_token_group_request_prefills_once_then_decodes_every_sample_with_the_trainers_logprobs(family):
+    """n=4, max_tokens=4: the prompt is prefilled as one row, the KV cache is repeated, decode runs 4 rows."""
+    model = served(family)
+    app, store = app_and_store(model)
+    ids, slots = prompt_with_images(stored_refs(model, store, 2))
+    text_rows, tower_calls = [], []
+    language = model.engine.model.model.language_model
+    hooks = [language.register_forward_pre_hook(lambda m, a, k: text_rows.append(tuple(k["inputs_embeds"].shape[:2])),
+                                                with_kwargs=True),
+             model.engine.model.model.visual.register_forward_pre_hook(lambda m, a: tower_calls.append(1))]
+    try:
+        response = generate(app, ids, slots, max_tokens=4, n=4, seed=7, temperature=1.0, stop_token_ids=[])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert response.status_code == 200, response.text
+    choices = response.json()["choices"]
+    assert len(choices) == 4 and tower_calls == [1]
+    assert text_rows[0] == (1, len(ids)) and all(rows == (4, 1) for rows in text_rows[1:])  # prefill once, then decode
+    assert len({tuple(c["token_ids"]) for c in choices}) > 1
+    for choice in choices:
+        assert len(choice["token_ids"]) == len(choice["logprobs"]) >= 1
+        trainer = teacher_forced(model, store, ids, slots, choice["token_ids"])
+        assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4

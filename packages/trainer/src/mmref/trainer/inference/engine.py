@@ -3,9 +3,10 @@
 The transformers engine queues requests (asyncio) for one worker thread that owns the
 model; requests waiting together with the same sampling params (and no seed) run as one
 left-padded ``generate`` batch, each with its ``n`` samples as rows; an image shared by
-several requests of a batch (a GRPO group) goes through the vision tower once. A one-token
-request (``max_tokens == 1``) prefills its prompt once and draws its ``n`` tokens from that
-one distribution: a GRPO group sent as one ``n = G`` request costs one prompt forward.
+several requests of a batch (a GRPO group) goes through the vision tower once. A GRPO group
+sent as one ``n = G`` request costs one prompt forward: a one-token request draws its ``n``
+tokens from that one distribution; a longer one (image prompts) repeats the prefilled KV
+cache ``n`` times and decodes from there.
 Image special tokens are removed from the sampling distribution and logprobs are reported
 under the same mask, recorded step by step (``inference.sampling.RecordingSampler``).
 """
@@ -156,8 +157,10 @@ class TransformersEngine:
         mask = torch.tensor([left_pad([1] * len(j.prompt_ids), 0) for j in jobs], device=self.device)
         types = torch.tensor([left_pad(j.mm_token_type_ids, 0) for j in jobs], device=self.device)
         one_token = sampling.max_tokens == 1  # n draws from one prefill, not n prefills
-        expand = 1 if one_token else sampling.n
-        kwargs, images = self._image_inputs(jobs, expand)
+        kwargs, images = self._image_inputs(jobs, 1)
+        if kwargs and sampling.n > 1 and not one_token:  # one prefill per prompt, KV cache repeated n times
+            return self._generate_expanded(jobs, ids, mask, types, kwargs, images, sampling)
+        expand = sampling.n if not (one_token or kwargs) else 1  # text-only prompts: generate expands them
         stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
         sampler = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
         with self._model_lock, images:
@@ -184,6 +187,45 @@ class TransformersEngine:
                 tokens, token_logp = out.sequences[:, width:], sampler.finish(out.sequences)
         rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(tokens, token_logp)]
         return [rows[i * sampling.n:(i + 1) * sampling.n] for i in range(len(jobs))]
+
+    def _generate_expanded(self, jobs: Sequence[Job], ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
+                           kwargs: dict[str, torch.Tensor], images: AbstractContextManager,
+                           sampling: SamplingParams) -> list[list[Choice]]:
+        """``n > 1`` samples of several tokens: prefill each prompt once, draw its ``n`` first tokens,
+        repeat the KV cache ``n`` times and let ``generate`` continue from it.
+
+        ``generate(num_return_sequences=n)`` would prefill (and run the vision tower on) every
+        prompt ``n`` times. Image prompts only, as the one-token path.
+        """
+        n, width = sampling.n, ids.shape[1]
+        stops = sorted(set(self.stop_token_ids) | set(sampling.stop_token_ids))
+        first = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
+        rest = RecordingSampler(self.image_token_ids, sampling.temperature, sampling.top_p)
+        with self._model_lock:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            with images:
+                out = self.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kwargs,
+                                 use_cache=True, logits_to_keep=1)
+            first(ids, out.logits[:, -1])
+            tokens, token_logp = (t.reshape(-1, 1) for t in first.draw(n, greedy=sampling.temperature == 0))  # (B*n, 1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            language = self.model.model
+            language.rope_deltas = language.rope_deltas.repeat_interleave(n, dim=0)  # (B*n, 1): text positions
+            ids = torch.cat([ids.repeat_interleave(n, dim=0), tokens], dim=1)
+            mask = torch.cat([mask.repeat_interleave(n, dim=0), torch.ones_like(tokens)], dim=1)
+            types = torch.cat([types.repeat_interleave(n, dim=0), torch.zeros_like(tokens)], dim=1)
+            more = self.model.generate(
+                input_ids=ids, attention_mask=mask, mm_token_type_ids=types, past_key_values=cache,
+                do_sample=sampling.temperature > 0, logits_processor=LogitsProcessorList([rest]),
+                max_new_tokens=sampling.max_tokens - 1, eos_token_id=stops, pad_token_id=self.pad_token_id,
+                return_dict_in_generate=True,
+            )
+            tokens = more.sequences[:, width:]
+            token_logp = torch.cat([token_logp, rest.finish(more.sequences)], dim=1)
+        rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(tokens, token_logp)]
+        return [rows[i * n:(i + 1) * n] for i in range(len(jobs))]
 
     def _image_inputs(self, jobs: Sequence[Job], expand: int) -> tuple[dict[str, torch.Tensor], AbstractContextManager]:
         """``generate``'s image kwargs, and the context that runs the vision tower once per unique image.
