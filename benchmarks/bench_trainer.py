@@ -1,12 +1,17 @@
 """Trainer stages: materialization vs its floor and vs per-slot processing, packing occupancy,
-and the split of one step's time.
+and the split of one full step's time.
 
 Materialize reads, verifies, decodes and processes each unique image once and moves it to
 the device once; rows share those tensors (the per-row concatenation happens on the device,
 inside the forward, where the vision tower then runs once per unique image).
 
+The step is timed as a rank runs it: its rows in 4 micro-batches, checked and materialized
+once for the whole step (``PolicyTrainer.prepare``), then forward/backward. Its materialize
+time and image count are of that one pass.
+
 Prints one JSON line. Targets: materialize <= 1.25x the floor (decode + process each unique
-image once, same threads); packing occupancy >= 95% on a long-tailed length distribution.
+image once, same threads), in the standalone call and inside the step; each unique image
+processed once per step; packing occupancy >= 95% on a long-tailed length distribution.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from mmref.renderers import ImageStore, layout_spec  # noqa: E402
 from mmref.renderers.decode import decode_rgb  # noqa: E402
 from mmref.trainer.materialize import Materializer  # noqa: E402
 from mmref.trainer.models import build_image_processor, build_tiny_model  # noqa: E402
-from mmref.trainer.pack import MicroBatch, occupancy, pack  # noqa: E402
+from mmref.trainer.pack import MicroBatch, occupancy, pack, split_by_tokens  # noqa: E402
 from mmref.trainer.run_config import TrainConfig  # noqa: E402
 from mmref.trainer.step import PolicyTrainer  # noqa: E402
 from timing import median_seconds  # noqa: E402
@@ -65,7 +70,8 @@ def main() -> dict:
     model = build_tiny_model("qwen2-vl")
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=TrainConfig(),
                             image_token_ids=IMAGE_TOKENS, materializer=Materializer(store, spec, processor, threads=THREADS))
-    step = trainer.step([MicroBatch(0, rows)])
+    trainer.step([MicroBatch(0, rows)])  # warm-up
+    step = trainer.step([MicroBatch(1, group) for group in split_by_tokens(rows, 4) if group])
     result = {
         "benchmark": "trainer",
         "samples": len(samples), "unique_images": len(unique), "slots": len(slots), "rows": len(rows),
@@ -73,10 +79,14 @@ def main() -> dict:
         "materialize_over_floor": round(materialize_s / floor_s, 3), "target_over_floor": 1.25,
         "naive_over_materialize": round(naive_s / materialize_s, 2),
         "packing_occupancy_pct": round(occupancy_pct, 2), "target_occupancy_pct": 95,
+        "step_images_processed": step.images_processed,
+        "step_images_over_unique": round(step.images_processed / len(unique), 3),
+        "step_materialize_over_floor": round(step.materialize_s / floor_s, 3),
         "step_split_s": {"materialize": round(step.materialize_s, 4), "forward": round(step.forward_s, 4),
                          "backward": round(step.backward_s, 4), "optimizer": round(step.optimizer_s, 4)},
     }
-    result["ok"] = result["materialize_over_floor"] <= 1.25 and occupancy_pct >= 95
+    result["ok"] = (result["materialize_over_floor"] <= 1.25 and result["step_materialize_over_floor"] <= 1.25
+                    and result["step_images_over_unique"] <= 1.0 and occupancy_pct >= 95)
     return result
 
 

@@ -95,6 +95,10 @@ ROWS: dict[str, list[Row]] = {
     "trainer": [
         Row("materialize 64 samples (s) vs floor", "materialize_s", "floor_s", "materialize_over_floor",
             Target("<= 1.25x floor", "materialize_over_floor", "<=", 1.25), readme=True),
+        Row("materialize inside a full step of 4 micro-batches (s) vs floor", "step_split_s.materialize", "floor_s",
+            "step_materialize_over_floor", Target("<= 1.25x floor", "step_materialize_over_floor", "<=", 1.25)),
+        Row("images processed in that step per unique image", "step_images_over_unique", None, None,
+            Target("<= 1 (once per step)", "step_images_over_unique", "<=", 1.0)),
         Row("per-slot processing (s) vs materialize", "naive_per_slot_s", "materialize_s", "naive_over_materialize"),
         Row("packing occupancy, long-tailed lengths (%)", "packing_occupancy_pct", None, None,
             Target(">= 95 %", "packing_occupancy_pct", ">=", 95), readme=True),
