@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from mmref.client.errors import TraceError
 from mmref.client.trace import Trace, TraceNode
@@ -23,9 +24,9 @@ def user(ref):
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": ref.encode()}}]}
 
 
-def node(prompt, completion, images, num_messages, logprob=-0.5):
+def node(prompt, completion, images, num_messages, logprob=-0.5, temperature=1.0):
     return TraceNode(prompt_ids=prompt, completion_ids=completion, completion_logprobs=[logprob] * len(completion),
-                     images=images, num_messages=num_messages)
+                     images=images, num_messages=num_messages, temperature=temperature)
 
 
 def two_turns(ref, second_prompt_prefix=None):
@@ -109,3 +110,16 @@ def test_loading_a_trace_with_a_pixel_payload_is_refused(ref):
     metrics = {**trace.model_dump(mode="json"), "metrics": {"image_embeds": 1.0}}
     with pytest.raises(TraceError, match="image_embeds"):
         Trace.from_json(json.dumps(metrics))
+
+
+def test_a_turn_sampled_at_another_temperature_starts_a_new_segment_carrying_it(ref):
+    fields = two_turns(ref)
+    first, second = fields["nodes"]
+    segments = Trace.build(**{**fields, "nodes": [first, second.model_copy(update={"temperature": 0.7})]}).segments()
+    assert [s.temperature for s in segments] == [1.0, 0.7]
+    assert [sum(s.sampled_mask) for s in segments] == [len(first.completion_ids), len(second.completion_ids)]
+
+
+def test_a_node_must_say_its_sampling_temperature(ref):
+    with pytest.raises(ValidationError, match="temperature"):
+        TraceNode(prompt_ids=[1], completion_ids=[2], completion_logprobs=[-1.0], images=[], num_messages=1)

@@ -56,7 +56,7 @@ class TraceNode(BaseModel):
     num_messages: int = Field(ge=0)  # how many of the trace's messages this prompt rendered
     finish_reason: str = "stop"
     weight_version: int | None = None
-    temperature: float = Field(1.0, ge=0)  # of the request; its logprobs are of logits / temperature
+    temperature: float = Field(ge=0)  # of the request (required): its logprobs are of logits / temperature
 
     @model_validator(mode="after")
     def _aligned(self) -> TraceNode:
