@@ -263,7 +263,8 @@ def to_target(args: argparse.Namespace, threshold: float = 0.9) -> dict:
             break
     return {"benchmark": "e2e_to_0.9", "config": str(CONFIG.relative_to(ROOT)), "threshold": threshold,
             "bare": bare_hit, "bare_last5": round(sum(rewards[-5:]) / 5, 3), "mmref_rl": mmref_hit,
-            "mmref_rl_run_wall_s": round(wall, 2), "mmref_rl_last5": round(sum(m["reward_mean"] for m in metrics[-5:]) / 5, 3)}
+            "mmref_rl_run_wall_s": round(wall, 2),
+            "mmref_rl_last5": round(sum(m["reward_mean"] for m in metrics[-5:]) / 5, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -102,8 +102,8 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
                        group_id, nullcontext(), RolloutClock())
 
 
-async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer: Any, client: TrainClient, store: ImageStore,
-                            sampling: Sampling, max_turns: int = 32, group_id: str | None = None,
+async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer: Any, client: TrainClient,
+                            store: ImageStore, sampling: Sampling, max_turns: int = 32, group_id: str | None = None,
                             limit: AbstractAsyncContextManager | None = None,
                             clock: RolloutClock | None = None) -> list[Trace]:
     """Play a group of episodes; if every member opens with the same messages, turn one is one ``n = G`` request.
@@ -138,8 +138,8 @@ async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer:
         plays = [_play(env, list(prepared[0]), rendered, first, renderer, client, store, sampling, max_turns,
                        group_id, limit, clock) for env, first in zip(envs, firsts)]
     else:
-        plays = [_play(env, messages, tokens, None, renderer, client, store, sampling, max_turns, group_id, limit, clock)
-                 for env, messages, tokens in zip(envs, prepared, rendered)]
+        plays = [_play(env, messages, tokens, None, renderer, client, store, sampling, max_turns, group_id, limit,
+                       clock) for env, messages, tokens in zip(envs, prepared, rendered)]
     return list(await asyncio.gather(*plays))
 
 

@@ -182,7 +182,8 @@ class TransformersEngine:
                     num_return_sequences=expand, return_dict_in_generate=True,
                 )
             if one_token:  # (B, n) -> (B * n, 1): rows job by job, n each, as generate lays them out
-                tokens, token_logp = (t.reshape(-1, 1) for t in sampler.draw(sampling.n, greedy=sampling.temperature == 0))
+                drawn = sampler.draw(sampling.n, greedy=sampling.temperature == 0)
+                tokens, token_logp = (t.reshape(-1, 1) for t in drawn)
             else:
                 tokens, token_logp = out.sequences[:, width:], sampler.finish(out.sequences)
         rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(tokens, token_logp)]
