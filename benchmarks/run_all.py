@@ -107,6 +107,16 @@ ROWS: dict[str, list[Row]] = {
         Row("mmref rl step (s) vs a bare in-memory loop, same model/task/batch", "mmref_rl_step_s", "bare_step_s",
             "rl_over_bare", Target("<= 3x", "rl_over_bare", "<=", 3.0), readme=True),
     ],
+    "learning": [
+        Row("color-codeword, 5 seeds: last-5 reward, worst seed", "min_last5", None, None,
+            Target(">= 0.9", "min_last5", ">=", 0.9), readme=True),
+        Row("lowest reward after first reaching 0.85, worst seed", "min_after_0.85", None, None,
+            Target(">= 0.7", "min_after_0.85", ">=", 0.7), readme=True),
+        Row("wall seconds per run, slowest seed (2 cores)", "max_wall_s", None, None,
+            Target("<= 300 s", "max_wall_s", "<=", 300), readme=True),
+        Row("blank images: last-5 reward (chance 0.25)", "max_blank_last5", None, None,
+            Target("<= 0.35", "max_blank_last5", "<=", 0.35), readme=True),
+    ],
     "transport": [
         Row("ZMQ loopback throughput (MB/s)", "throughput_mb_s"),
         Row("micro-batches/s", "micro_batches_per_s"),
@@ -117,6 +127,10 @@ ROWS: dict[str, list[Row]] = {
             "ref_bytes_per_step", "plain_over_compact"),
     ],
 }
+
+
+# Run only when named (``run_all.py learning``): bench_learning.py trains 6 runs of about 4 minutes.
+LONG = frozenset({"learning"})
 
 
 def lookup(result: dict, dotted: str | None):
@@ -205,7 +219,7 @@ def main(names: list[str]) -> None:
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown benchmarks {unknown}; known: {list(ROWS)}")
-    names = names or list(ROWS)
+    names = names or [name for name in ROWS if name not in LONG]
     earlier = earlier_results()
     results = {}
     for name in ROWS:
