@@ -35,6 +35,7 @@ from mmref.client.train_client import TrainClient
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
 from mmref.renderers.tokenizer import qwen2_tokenizer
+from sse_cases import joined, sse_chunks
 
 RENDERER = create_renderer(qwen2_tokenizer(), "qwen2.5-vl", spec=layout_spec("qwen2.5-vl"))
 TOOLS = [{"type": "function", "function": {"name": "zoom", "description": "zoom in",
@@ -100,26 +101,9 @@ def read_answer(response: httpx.Response, stream: bool) -> dict:
     if not stream:
         choice = response.json()["choices"][0]
         return {**choice["message"], "finish_reason": choice["finish_reason"]}
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
-    assert events[-1] == "[DONE]"
-    message: dict = {"role": None, "content": "", "finish_reason": None}
-    calls: dict[int, dict] = {}
-    for chunk in map(json.loads, events[:-1]):
-        assert chunk["object"] == "chat.completion.chunk"
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            message["role"] = delta.get("role") or message["role"]
-            message["content"] += delta.get("content") or ""
-            message["finish_reason"] = choice["finish_reason"] or message["finish_reason"]
-            for call in delta.get("tool_calls") or []:
-                entry = calls.setdefault(call["index"], {"type": None, "function": {"name": "", "arguments": ""}})
-                entry.update({k: call[k] for k in ("id", "type") if k in call})
-                for k, v in call.get("function", {}).items():
-                    entry["function"][k] += v
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return message
+    chunks = sse_chunks(response)
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    return joined(chunks)
 
 
 class InterceptionSessions(RuleBasedStateMachine):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmref.renderers import ImageStore
+from mmref.renderers import ImageStore, refs
 from mmref.renderers.render import create_renderer
 from mmref.renderers.tokenizer import KIMI_SPECIAL_TOKENS, qwen2_tokenizer, tiny_tokenizer
 from render_cases import image_ref
@@ -57,12 +57,10 @@ def completion_ids(renderer, history, reply):
     return rest[: rest.index(renderer.token_id(renderer.close_token)) + 1]
 
 
-def check_slots(rendered, renderer):
-    pads = [i for i, t in enumerate(rendered.token_ids) if t == renderer.image_pad_id]
-    covered = [i for s in rendered.images for i in range(s.offset, s.end)]
-    assert covered == pads
-    assert sum(s.ref.num_tokens for s in rendered.images) == len(pads)
-    assert rendered.mm_token_type_ids == [int(t == renderer.image_pad_id) for t in rendered.token_ids]
+def check_rendered(rendered, renderer):
+    """The renderer's slots hold the one slot invariant, and its columns line up."""
+    refs.check_slots(rendered.token_ids, rendered.images, renderer.image_pad_id, sampled=rendered.sampled_mask)
+    assert rendered.mm_token_type_ids == refs.token_types(len(rendered.token_ids), rendered.images)
     assert all(len(col) == len(rendered.token_ids) for col in
                (rendered.message_index, rendered.sampled_mask, rendered.is_content))
 
@@ -89,7 +87,7 @@ def test_bridged_conversation_equals_full_render(family, data):
             # generation prompts, the newline after a close), which it leaves at -1.
             assert all(b in (f, -1) for b, f in zip(prompt.message_index, full.message_index))
             assert set(prompt.message_index) == set(full.message_index) | {-1}
-        check_slots(prompt, renderer)
+        check_rendered(prompt, renderer)
         prev_prompt, prev_completion = prompt.token_ids, completion_ids(renderer, history, reply)
         assert all(prompt.sampled_mask[i] is False for i in range(len(prev_prompt)) if i >= len(prev_prompt) - 2)
         history.append({"role": "assistant", "content": reply})

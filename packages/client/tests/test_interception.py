@@ -3,7 +3,6 @@
 import asyncio
 import base64
 import io
-import json
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from mmref.client.train_client import TrainClient
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
 from mmref.renderers.tokenizer import qwen2_tokenizer
+from sse_cases import joined, sse_chunks
 
 
 def post(app, body, content=None):
@@ -184,31 +184,6 @@ def test_an_edited_reply_continues_the_episode_but_is_rendered_in_full(tmp_path)
     assert [len(trace.nodes), len(trace.segments())] == [2, 2]
 
 
-def _sse_chunks(response) -> list[dict]:
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
-    assert events[-1] == "[DONE]" and all(e.startswith("{") for e in events[:-1])
-    return [json.loads(e) for e in events[:-1]]
-
-
-def _joined(chunks) -> dict:
-    """The message the OpenAI SDK's stream accumulation makes of the chunks."""
-    message, calls = {"content": ""}, {}
-    for chunk in chunks:
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            message["role"] = delta.get("role", message.get("role"))
-            message["content"] += delta.get("content") or ""
-            for call in delta.get("tool_calls", []):
-                entry = calls.setdefault(call["index"], {"function": {"name": "", "arguments": ""}})
-                entry.update({k: call[k] for k in ("id", "type") if k in call})
-                for k, v in call.get("function", {}).items():
-                    entry["function"][k] += v
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return message
-
-
 @pytest.mark.parametrize("family,answer", [
     ("qwen2-vl", "The sky is blue.  Twice: blue "),
     ("qwen2.5-vl", 'Looking.\n<tool_call>\n{"name": "zoom", "arguments": {"x": 3, "label": "é"}}\n</tool_call>'),
@@ -219,11 +194,11 @@ def test_stream_true_sends_chunks_that_join_to_the_non_streamed_answer(tmp_path,
     (plain, streamed), _ = _calls(app, ("/sessions/p/v1/chat/completions", body, None),
                                   ("/sessions/s/v1/chat/completions", {**body, "stream": True,
                                                                        "stream_options": {"include_usage": True}}, None))
-    expected, chunks = plain.json(), _sse_chunks(streamed)
+    expected, chunks = plain.json(), sse_chunks(streamed)
     message = expected["choices"][0]["message"]
-    joined = _joined(chunks)
-    assert {k: v for k, v in joined.items() if k != "tool_calls"} == {"role": "assistant", "content": message["content"]}
-    assert [(c["type"], c["function"]) for c in joined.get("tool_calls", [])] == \
+    message_of_chunks = joined(chunks)
+    assert {k: message_of_chunks[k] for k in ("role", "content")} == {"role": "assistant", "content": message["content"]}
+    assert [(c["type"], c["function"]) for c in message_of_chunks.get("tool_calls", [])] == \
         [(c["type"], c["function"]) for c in message.get("tool_calls", [])]
     assert len(chunks) > 3 and {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert chunks[-2]["choices"][0]["finish_reason"] == expected["choices"][0]["finish_reason"]

@@ -131,11 +131,18 @@ def test_checkpoint_from_a_training_step_reloads_into_the_server_with_the_traine
     assert (out.logprobs[len(ids) - 1:] - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
 
 
-def test_concurrent_requests_run_as_one_batch_with_the_same_logprobs_as_alone():
-    model = served("qwen2-vl")
+@pytest.mark.parametrize("family, image_counts, max_tokens, n", [
+    ("qwen2-vl", (1, 2, 3), 5, 2),       # generate: different lengths and image counts, left-padded
+    ("qwen2-vl", (1, 0, 2, 3), 1, 3),    # one-token groups, a text-only prompt among them
+    ("qwen3-vl", (1, 0, 2, 3), 1, 3),
+])
+def test_concurrent_requests_run_as_one_batch_each_with_its_own_prompts_logprobs(family, image_counts, max_tokens, n):
+    """Concurrent requests of different prompts batch together; every row's logprobs equal a teacher-forced
+    forward of its own prompt alone, in request order."""
+    model = served(family)
     app, store = app_and_store(model)
-    refs = stored_refs(model, store, 3)
-    prompts = [prompt_with_images(refs[:k]) for k in (1, 2, 3)]  # different lengths and image counts
+    refs = stored_refs(model, store, max(image_counts))
+    prompts = [prompt_with_images(refs[:k]) for k in image_counts]
     calls = []
     real = model.engine.generate_batch
     model.engine.generate_batch = lambda jobs: calls.append(len(jobs)) or real(jobs)
@@ -143,11 +150,14 @@ def test_concurrent_requests_run_as_one_batch_with_the_same_logprobs_as_alone():
     async def many():
         async with client(app) as c:
             return await asyncio.gather(*(c.post("/inference/v1/generate", json={
-                "token_ids": ids, "images": slots, "sampling": {"max_tokens": 5, "n": 2}}) for ids, slots in prompts))
+                "token_ids": ids, "images": slots, "sampling": {"max_tokens": max_tokens, "n": n}})
+                for ids, slots in prompts))
     responses = asyncio.run(many())
     assert all(r.status_code == 200 for r in responses) and max(calls) > 1
     for (ids, slots), response in zip(prompts, responses):
-        for choice in response.json()["choices"]:  # each row's logprobs equal a teacher-forced forward alone
+        choices = response.json()["choices"]
+        assert len(choices) == n
+        for choice in choices:
             assert len(choice["token_ids"]) == len(choice["logprobs"])
             alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
             assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
@@ -210,32 +220,6 @@ def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_lo
         trainer = teacher_forced(model, store, ids, slots, choice["token_ids"], temperature)
         assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
         assert choice["finish_reason"] == ("stop" if choice["token_ids"][0] in (151645, 151643) else "length")
-
-
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
-def test_one_token_requests_batch_with_each_group_row_in_request_order(family):
-    """Concurrent n=3 one-token requests of different prompts (text-only among them, left-padded): each
-    gets draws from its own prompt's distribution."""
-    model = served(family)
-    app, store = app_and_store(model)
-    refs = stored_refs(model, store, 3)
-    prompts = [prompt_with_images(refs[:k]) for k in (1, 0, 2, 3)]
-    calls = []
-    real = model.engine.generate_batch
-    model.engine.generate_batch = lambda jobs: calls.append(len(jobs)) or real(jobs)
-
-    async def many():
-        async with client(app) as c:
-            return await asyncio.gather(*(c.post("/inference/v1/generate", json={
-                "token_ids": ids, "images": slots, "sampling": {"max_tokens": 1, "n": 3}}) for ids, slots in prompts))
-    responses = asyncio.run(many())
-    assert all(r.status_code == 200 for r in responses) and max(calls) > 1
-    for (ids, slots), response in zip(prompts, responses):
-        choices = response.json()["choices"]
-        assert len(choices) == 3
-        for choice in choices:
-            alone = teacher_forced(model, store, ids, slots, choice["token_ids"])
-            assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
 
 
 def test_greedy_one_token_group_repeats_the_argmax():

@@ -1,7 +1,6 @@
 """Every validation rule of the inference server is a 400 whose body names the problem."""
 
 import asyncio
-import os
 
 import pytest
 
@@ -102,7 +101,7 @@ def test_missing_image_is_a_400_not_a_500(setup):
     local_app, store = app_and_store(model)
     (ref,) = stored_refs(model, store, 1)
     store.fs.rm_file(store.resolve(ref.asset))
-    error = expect_400(local_app, body_for([ref]), "is not in store")
+    expect_400(local_app, body_for([ref]), "is not in store")
     assert post(local_app, body_for([ref])).json()["error"]["type"] == "image_not_found"
 
 
