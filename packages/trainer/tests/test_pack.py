@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from mmref.renderers import ImageStore
 from mmref.trainer.errors import PackingError
 from mmref.trainer.pack import MicroBatch, PackedRow, occupancy, pack, row_position_ids, split_by_tokens, truncate
+from mmref.trainer.transport import decode_payload, encode_payload
 from trainer_cases import PAD, make_sample, tiny
 
 
@@ -83,3 +84,12 @@ def test_split_by_tokens_deals_every_row_once_with_loads_within_one_row(lengths,
     loads = [sum(len(r) for r in g) for g in groups]
     if rows:  # greedy to the lightest group: no group exceeds another by more than the longest row
         assert max(loads) - min(loads) <= max(lengths)
+
+
+def test_a_row_with_branches_survives_the_compact_wire_and_counts_them_as_loss_tokens():
+    row = PackedRow("qwen2-vl", [1, 2, 3], [False, True, True], [0.0, 1.0, 1.0], [0.0, -1.0, -1.5], [], [3], PAD,
+                    [0.7], branch_positions=[2, 2], branch_token_ids=[5, 6], branch_advantages=[0.5, -0.25],
+                    branch_logprobs=[-1.0, -2.0])
+    micro_batch = MicroBatch(3, [row, PackedRow("qwen2-vl", [1], [False], [0.0], [0.0], [], [1], PAD, [1.0])])
+    (back,) = [MicroBatch.from_wire(d) for d in decode_payload(encode_payload([micro_batch.to_wire()]))]
+    assert back == micro_batch and back.num_loss_tokens == 4

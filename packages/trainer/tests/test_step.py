@@ -169,3 +169,32 @@ def test_the_forward_reads_input_ids_not_the_slots(store):
     stray[0, 0] = PAD
     with pytest.raises(SlotError, match="trainer forward, row: 1 image-pad tokens .* outside every image slot"):
         forward_row(build_tiny_model("qwen2-vl"), dataclasses.replace(batch, input_ids=stray), None, IMAGE_TOKENS, 2)
+
+
+def test_samples_sharing_all_but_their_sampled_last_token_train_exactly_as_separate_rows(store):
+    """A GRPO group with one-token answers is one sequence with branches: same loss, metrics and gradients."""
+    prompt = make_sample(store, "qwen2-vl", 3, [(7, (64, 48))], 3, sampled=1)
+    n = len(prompt)
+
+    def answer(token: int, advantage: float, logprob: float):
+        ids = prompt.token_ids[:-1] + [token]
+        return dataclasses.replace(prompt, token_ids=ids, advantages=[0.0] * (n - 1) + [advantage],
+                                   inference_logprobs=[0.0] * (n - 1) + [logprob])
+
+    group = [answer(t, a, lp) for t, a, lp in [(300, 1.5, -4.0), (301, -0.5, -5.0), (300, 1.5, -4.0), (302, -0.5, -3.0)]]
+    other = make_sample(store, "qwen2-vl", 5, [(8, (40, 40))], 2, sampled=2, advantage=0.7, logprob=-2.0)
+    samples = group + [other]
+    shared, separate = pack(samples, 4096), pack(samples, 4096, share=False)
+    assert sum(map(len, shared)) == len(prompt) + len(other) and sum(len(r.branch_positions) for r in shared) == 3
+    results = []
+    for rows in (shared, separate):
+        torch.manual_seed(0)
+        trainer = trainer_for("qwen2-vl", store, entropy_coef=0.01)
+        metrics = trainer.step([MicroBatch(0, rows)])
+        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        results.append((metrics, grads))
+    (a, grad_a), (b, grad_b) = results
+    assert a.loss_tokens == b.loss_tokens == 6
+    for name in ("loss", "entropy", "clip_fraction", "mismatch_kl", "grad_norm"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-5, abs=1e-6), name
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)

@@ -33,15 +33,20 @@ from mmref.trainer.vision_once import vision_once
 
 @dataclass(frozen=True)
 class RowOutput:
-    """Per-token results for positions 1..L-1 of a row (what predicts token t is logits[t-1]).
+    """Per-token results for positions 1..L-1 of a row (what predicts token t is logits[t-1]),
+    and for the row's branches (``PackedRow.branch_*``).
 
     logprobs: (L-1,) of the actual next tokens;  entropy: (L-1,);  loss_mask: (L-1,) bool
+    branch_logprobs, branch_entropy, branch_mask: (B,)
     """
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
     loss_mask: torch.Tensor
     masked_sampled_image_tokens: int
+    branch_logprobs: torch.Tensor
+    branch_entropy: torch.Tensor
+    branch_mask: torch.Tensor
 
 
 def check_image_tokens(batch: MaterializedRow, merge_size: int, where: str = "row") -> None:
@@ -87,19 +92,25 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
     """
     image_token_ids = frozenset(image_token_ids)
     check_image_tokens(batch, merge_size, where)
-    loss_mask = batch.loss_mask.clone()
+    row = batch.row
+    loss_mask, branch_mask = batch.loss_mask.clone(), batch.branch_mask.clone()
+    branch_tokens = torch.tensor(row.branch_token_ids, dtype=torch.long)  # (B,)
     bad = sampled_image_token_mask(batch.input_ids, loss_mask, image_token_ids)
-    if bad.any():
+    bad_branches = branch_mask & torch.isin(branch_tokens, torch.tensor(sorted(image_token_ids), dtype=torch.long))
+    if bad.any() or bad_branches.any():
         if sampled_image_tokens == "error":
-            positions = bad.nonzero().flatten().tolist()[:8]
+            found = (bad.nonzero().flatten().tolist() + [row.branch_positions[i] for i in bad_branches.nonzero().flatten().tolist()])
             raise ImageTokenMismatchError(f"trainer forward, {where}: image special tokens inside sampled completions at "
-                                          f"positions {positions}; the inference engine must mask them")
+                                          f"positions {sorted(found)[:8]}; the inference engine must mask them")
         loss_mask &= ~bad
+        branch_mask &= ~bad_branches
     device = next(model.parameters()).device
-    position_ids = row_position_ids(rope_index, batch.row).to(device)  # (4, 1, L)
+    position_ids = row_position_ids(rope_index, row).to(device)  # (4, 1, L)
     targets = batch.input_ids[0, 1:].to(device)
     keep = loss_mask[1:].to(device) if positions == "loss" else torch.ones_like(targets, dtype=torch.bool)
-    index = keep.nonzero().flatten()  # positions whose next token we score
+    main = keep.nonzero().flatten()  # positions whose next token we score
+    branch_at = torch.tensor(row.branch_positions, dtype=torch.long, device=device) - 1  # (B,) likewise, for branches
+    index = torch.unique(torch.cat([main, branch_at]))  # sorted: the rows of logits to compute
     kwargs, images = {}, nullcontext()
     if batch.unique_pixels:
         kwargs = dict(pixel_values=batch.pixel_values().to(device), image_grid_thw=batch.image_grid_thw.to(device))
@@ -108,11 +119,14 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
     with images:
         logits = model(input_ids=batch.input_ids.to(device), position_ids=position_ids, logits_to_keep=index,
                        mm_token_type_ids=batch.mm_token_type_ids.to(device), use_cache=False, **kwargs).logits[0]
-    scales = position_scales(batch.row.sample_lengths, batch.row.sample_temperatures)[:-1].to(device)  # (L-1,)
+    scales = position_scales(row.sample_lengths, row.sample_temperatures)[:-1].to(device)  # (L-1,)
     logp = masked_log_softmax(logits / scales[index, None], image_token_ids)  # (K, V)
     probs = logp.exp()
+    entropies = -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1)  # (K,)
+    at_main, at_branch = torch.searchsorted(index, main), torch.searchsorted(index, branch_at)
     token_logp = torch.zeros(targets.shape, dtype=logp.dtype, device=device)
-    entropy = torch.zeros_like(token_logp)
-    token_logp = token_logp.index_put((index,), logp.gather(-1, targets[index, None]).squeeze(-1))
-    entropy = entropy.index_put((index,), -(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1))
-    return RowOutput(token_logp, entropy, loss_mask[1:].to(device), int(bad.sum()))
+    token_logp = token_logp.index_put((main,), logp[at_main].gather(-1, targets[main, None]).squeeze(-1))
+    entropy = torch.zeros_like(token_logp).index_put((main,), entropies[at_main])
+    branch_logp = logp[at_branch].gather(-1, branch_tokens.to(device)[:, None]).squeeze(-1)
+    return RowOutput(token_logp, entropy, loss_mask[1:].to(device), int(bad.sum() + bad_branches.sum()),
+                     branch_logp, entropies[at_branch], branch_mask.to(device))

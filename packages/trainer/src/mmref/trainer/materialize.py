@@ -52,6 +52,7 @@ class MaterializedRow:
     image_index:      (num_slots,) int64 or None, slot -> unique image
     image_grid_thw:   (num_slots, 3) int64 or None, per slot (what the pad tokens need)
     loss_mask:        (L,) bool, with samples of missing images masked off
+    branch_mask:      (B,) bool over ``row.branch_*``, likewise
     """
 
     row: PackedRow
@@ -62,6 +63,7 @@ class MaterializedRow:
     image_index: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     loss_mask: torch.Tensor
+    branch_mask: torch.Tensor
     missing_assets: list[str] = field(default_factory=list)
 
     def pixel_values(self) -> torch.Tensor | None:
@@ -127,9 +129,10 @@ class Materializer:
         position = {sha: i for i, sha in enumerate(first)}
         self.stats.slots_filled += len(row.images)
         loss_mask = torch.tensor(row.loss_mask, dtype=torch.bool)
+        branch_mask = torch.ones(len(row.branch_positions), dtype=torch.bool)
         row_missing = sorted({s.ref.asset for s in row.images if s.ref.asset in missing})
         if row_missing:
-            _mask_samples_with(loss_mask, row, {s.ref.sha256 for s in row.images if s.ref.asset in missing})
+            _mask_samples_with(loss_mask, branch_mask, row, {s.ref.sha256 for s in row.images if s.ref.asset in missing})
         return MaterializedRow(
             row=row, input_ids=torch.tensor([row.token_ids]),
             mm_token_type_ids=torch.tensor([row.mm_token_type_ids], dtype=torch.int32),
@@ -137,7 +140,7 @@ class Materializer:
             unique_grid_thw=torch.tensor([ref.grid_thw for ref in first.values()]) if first else None,
             image_index=torch.tensor([position[s.ref.sha256] for s in row.images]) if first else None,
             image_grid_thw=torch.tensor([s.ref.grid_thw for s in row.images]) if first else None,
-            loss_mask=loss_mask, missing_assets=row_missing,
+            loss_mask=loss_mask, branch_mask=branch_mask, missing_assets=row_missing,
         )
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -170,11 +173,13 @@ class Materializer:
         return torch.zeros(t * h * w, width)
 
 
-def _mask_samples_with(loss_mask: torch.Tensor, row: PackedRow, shas: set[str]) -> None:
-    """Zero the loss mask of every sample in ``row`` that holds one of ``shas``."""
+def _mask_samples_with(loss_mask: torch.Tensor, branch_mask: torch.Tensor, row: PackedRow, shas: set[str]) -> None:
+    """Mask off the loss (own tokens and branches) of every sample in ``row`` that holds one of ``shas``."""
     start = 0
+    positions = torch.tensor(row.branch_positions, dtype=torch.long)
     for length in row.sample_lengths:
         end = start + length
         if any(start <= s.offset < end and s.ref.sha256 in shas for s in row.images):
             loss_mask[start:end] = False
+            branch_mask &= ~((positions >= start) & (positions < end))
         start = end

@@ -1,7 +1,11 @@
 """Packing samples into rows of ``max_seq_len`` tokens, and the position ids of a packed row.
 
 First-fit-decreasing over sample lengths, one family per row; image slots are rebased
-into the row and an image is never split. A packed row carries refs only; its position ids
+into the row and an image is never split. Samples that differ only in their last token,
+which each sampled (a GRPO group with one-token answers), share one sequence: the first
+keeps its tokens in the row, the others become *branches*, extra sampled tokens scored at
+the same positions (``share_prefixes``). Exact: every sample's tokens get the loss they
+would get alone, and the group's prompt is forwarded once instead of G times. A packed row carries refs only; its position ids
 are the model's own ``get_rope_index`` per sample, stacked as 4 rows::
 
     position_ids[0]    text positions, restarting at 0 per sample (transformers builds a
@@ -14,7 +18,7 @@ so a packed row's logits equal each sample's logits when run alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +32,10 @@ class PackedRow:
     """Samples laid end to end; ``sample_lengths`` marks the boundaries.
 
     ``sample_temperatures`` holds each sample's sampling temperature: its tokens are scored
-    under ``logits / T`` as the engine reported them.
+    under ``logits / T`` as the engine reported them. ``branch_*`` (parallel lists) are
+    sampled tokens scored besides the row's own: ``branch_token_ids[i]`` at row position
+    ``branch_positions[i]`` (predicted from the logits before it), with its advantage and
+    inference logprob.
     """
 
     family: str
@@ -40,6 +47,10 @@ class PackedRow:
     sample_lengths: list[int]
     image_pad_id: int
     sample_temperatures: list[float]
+    branch_positions: list[int] = field(default_factory=list)
+    branch_token_ids: list[int] = field(default_factory=list)
+    branch_advantages: list[float] = field(default_factory=list)
+    branch_logprobs: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -54,7 +65,9 @@ class PackedRow:
                 "advantages": self.advantages, "inference_logprobs": self.inference_logprobs,
                 "images": [s.model_dump(mode="json") for s in self.images],
                 "sample_lengths": self.sample_lengths, "image_pad_id": self.image_pad_id,
-                "sample_temperatures": self.sample_temperatures}
+                "sample_temperatures": self.sample_temperatures, "branch_positions": self.branch_positions,
+                "branch_token_ids": self.branch_token_ids, "branch_advantages": self.branch_advantages,
+                "branch_logprobs": self.branch_logprobs}
 
     @classmethod
     def from_wire(cls, data: dict) -> PackedRow:
@@ -70,7 +83,7 @@ class MicroBatch:
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(sum(r.loss_mask) for r in self.rows)
+        return sum(sum(r.loss_mask) + len(r.branch_positions) for r in self.rows)
 
     def to_wire(self) -> dict:
         return {"step": self.step, "rows": [r.to_wire() for r in self.rows]}
@@ -102,25 +115,59 @@ def truncate(sample: TrainingSample, max_len: int) -> TrainingSample:
     )
 
 
-def pack(samples: Sequence[TrainingSample], max_seq_len: int) -> list[PackedRow]:
-    """First-fit-decreasing into rows of at most ``max_seq_len`` tokens; families never mix."""
-    bins: list[list[TrainingSample]] = []
+Branch = tuple[int, int, float, float]  # (position in the sample, token id, advantage, inference logprob)
+
+
+def share_prefixes(samples: Sequence[TrainingSample]) -> list[tuple[TrainingSample, list[Branch]]]:
+    """Samples with equal tokens, masks, images and temperature up to a sampled last token, as one
+    sample plus the others' sampled tokens as branches; other samples stand alone (no branches).
+
+    >>> [len(branches) for _, branches in share_prefixes([])]
+    []
+    """
+    shared: dict[tuple, tuple[TrainingSample, list[Branch]]] = {}
+    units: list[tuple[TrainingSample, list[Branch]]] = []
+    for sample in samples:
+        if not sample.loss_mask or not sample.loss_mask[-1]:
+            units.append((sample, []))
+            continue
+        key = (sample.family, sample.image_pad_id, sample.temperature, tuple(sample.token_ids[:-1]),
+               tuple(sample.loss_mask), tuple((slot.offset, slot.ref.sha256) for slot in sample.images))
+        if key in shared:
+            shared[key][1].extend((p, sample.token_ids[p], sample.advantages[p], sample.inference_logprobs[p])
+                                  for p, sampled in enumerate(sample.loss_mask) if sampled)
+        else:
+            shared[key] = (sample, [])
+            units.append(shared[key])
+    return units
+
+
+def pack(samples: Sequence[TrainingSample], max_seq_len: int, share: bool = True) -> list[PackedRow]:
+    """First-fit-decreasing into rows of at most ``max_seq_len`` tokens; families never mix.
+
+    ``share``: samples that differ only in their sampled last token share one sequence.
+    """
+    truncated = [truncate(s, max_seq_len) for s in samples]
+    units = share_prefixes(truncated) if share else [(s, []) for s in truncated]
+    bins: list[list[tuple[TrainingSample, list[Branch]]]] = []
     sizes: list[int] = []
-    for sample in sorted((truncate(s, max_seq_len) for s in samples), key=len, reverse=True):
+    for unit in sorted(units, key=lambda u: len(u[0]), reverse=True):
+        sample = unit[0]
         for i, members in enumerate(bins):
-            if members[0].family == sample.family and sizes[i] + len(sample) <= max_seq_len:
-                members.append(sample)
+            if members[0][0].family == sample.family and sizes[i] + len(sample) <= max_seq_len:
+                members.append(unit)
                 sizes[i] += len(sample)
                 break
         else:
-            bins.append([sample])
+            bins.append([unit])
             sizes.append(len(sample))
     return [_concat(members) for members in bins]
 
 
-def _concat(members: list[TrainingSample]) -> PackedRow:
-    row = PackedRow(members[0].family, [], [], [], [], [], [], members[0].image_pad_id, [])
-    for sample in members:
+def _concat(members: list[tuple[TrainingSample, list[Branch]]]) -> PackedRow:
+    first = members[0][0]
+    row = PackedRow(first.family, [], [], [], [], [], [], first.image_pad_id, [])
+    for sample, branches in members:
         offset = len(row.token_ids)
         row.token_ids.extend(sample.token_ids)
         row.loss_mask.extend(sample.loss_mask)
@@ -129,6 +176,11 @@ def _concat(members: list[TrainingSample]) -> PackedRow:
         row.images.extend(slot.shifted(offset) for slot in sample.images)
         row.sample_lengths.append(len(sample))
         row.sample_temperatures.append(sample.temperature)
+        for position, token, advantage, logprob in branches:
+            row.branch_positions.append(position + offset)
+            row.branch_token_ids.append(token)
+            row.branch_advantages.append(advantage)
+            row.branch_logprobs.append(logprob)
     return row
 
 

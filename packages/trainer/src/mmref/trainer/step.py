@@ -130,9 +130,11 @@ class PolicyTrainer:
             out = self.forward(batch, label)
             device = out.logprobs.device
             row = batch.row
-            result = policy_loss(
-                out.logprobs, torch.tensor(row.inference_logprobs[1:], device=device),
-                torch.tensor(row.advantages[1:], device=device), out.loss_mask, out.entropy,
+            result = policy_loss(  # the row's own tokens, then its branches
+                torch.cat([out.logprobs, out.branch_logprobs]),
+                torch.tensor(row.inference_logprobs[1:] + row.branch_logprobs, device=device),
+                torch.tensor(row.advantages[1:] + row.branch_advantages, device=device),
+                torch.cat([out.loss_mask, out.branch_mask]), torch.cat([out.entropy, out.branch_entropy]),
                 self.config.clip_low, self.config.clip_high, entropy_coef=self.config.entropy_coef,
             )
             times["forward"] += time.perf_counter() - start

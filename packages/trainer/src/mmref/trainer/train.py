@@ -69,7 +69,8 @@ def zero_loss_pad(micro_batch: MicroBatch) -> MicroBatch:
     A copy rather than a text-only row because FSDP2 reduces only parameters that received a
     gradient: a rank whose pad skipped the vision tower would mismatch the others' reduce-scatter.
     """
-    rows = [replace(row, loss_mask=[False] * len(row), advantages=[0.0] * len(row)) for row in micro_batch.rows]
+    rows = [replace(row, loss_mask=[False] * len(row), advantages=[0.0] * len(row), branch_positions=[],
+                    branch_token_ids=[], branch_advantages=[], branch_logprobs=[]) for row in micro_batch.rows]
     return MicroBatch(micro_batch.step, rows)
 
 
