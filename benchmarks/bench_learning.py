@@ -46,7 +46,7 @@ def run(config: Path, seed: int, out: Path, blank: bool) -> dict:
     return {
         "seed": seed, "blank": blank, "steps": len(rewards), "wall_s": round(wall, 1),
         "last5": round(sum(rewards[-5:]) / len(rewards[-5:]), 3),
-        "min_after_0.85": round(min(rewards[crossed:]), 3) if crossed is not None else None,
+        "min_after_crossing_085": round(min(rewards[crossed:]), 3) if crossed is not None else None,
         "step_to_0.9": to_09,
         "wall_s_to_0.9": round(startup + sum(m["step_s"] for m in metrics[:to_09 + 1]), 1) if to_09 is not None else None,
         "step_s_mean": round(sum(m["step_s"] for m in metrics) / len(metrics), 2),
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "learning", "config": str(args.config.relative_to(ROOT)), "seeds": len(learned),
         "min_last5": min(r["last5"] for r in learned),
-        "min_after_0.85": min((r["min_after_0.85"] for r in learned if r["min_after_0.85"] is not None), default=None),
+        "min_after_crossing_085": min((r["min_after_crossing_085"] for r in learned if r["min_after_crossing_085"] is not None), default=None),
         "max_wall_s": max(r["wall_s"] for r in learned),
         "max_blank_last5": max((r["last5"] for r in blank), default=None),
-        "target_min_last5": 0.9, "target_min_after_0.85": 0.7, "target_max_wall_s": 300,
+        "target_min_last5": 0.9, "target_min_after_crossing_085": 0.7, "target_max_wall_s": 300,
         "target_max_blank_last5": CHANCE + 0.1, "runs": runs,
     }
-    result["ok"] = (result["min_last5"] >= 0.9 and (result["min_after_0.85"] or 0) >= 0.7
+    result["ok"] = (result["min_last5"] >= 0.9 and (result["min_after_crossing_085"] or 0) >= 0.7
                     and result["max_wall_s"] <= 300 and (result["max_blank_last5"] or 0) <= CHANCE + 0.1)
     return result
 

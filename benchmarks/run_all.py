@@ -112,8 +112,8 @@ ROWS: dict[str, list[Row]] = {
     "learning": [
         Row("color-codeword, 5 seeds: last-5 reward, worst seed", "min_last5", None, None,
             Target(">= 0.9", "min_last5", ">=", 0.9), readme=True),
-        Row("lowest reward after first reaching 0.85, worst seed", "min_after_0.85", None, None,
-            Target(">= 0.7", "min_after_0.85", ">=", 0.7), readme=True),
+        Row("lowest reward after first reaching 0.85, worst seed", "min_after_crossing_085", None, None,
+            Target(">= 0.7", "min_after_crossing_085", ">=", 0.7), readme=True),
         Row("wall seconds per run, slowest seed (2 cores)", "max_wall_s", None, None,
             Target("<= 300 s", "max_wall_s", "<=", 300), readme=True),
         Row("blank images: last-5 reward (chance 0.25)", "max_blank_last5", None, None,
