@@ -117,3 +117,15 @@ def test_token_id_outside_the_vocabulary_is_a_400_naming_its_position(setup, tok
     model, app, _, _ = setup
     error = expect_400(app, {"token_ids": [1, 2, token]}, f"token_ids[2] = {token} is outside")
     assert error["detail"]["position"] == 2
+
+
+@pytest.mark.parametrize("path", ["does/not/exist", "0" * 300 + "\x80" * 40])  # the second: ENAMETOOLONG
+def test_a_checkpoint_path_that_cannot_be_read_is_a_400(setup, path):
+    _, app, _, _ = setup
+
+    async def call():
+        async with client(app) as c:
+            return await c.post("/update_weights", json={"path": path})
+    response = asyncio.run(call())
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_checkpoint"

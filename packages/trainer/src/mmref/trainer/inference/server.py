@@ -79,8 +79,9 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
     async def update_weights(body: UpdateWeightsRequest) -> JSONResponse:
         try:
             version = await served.engine.update_weights(body.path)
-        except (FileNotFoundError, ValueError) as exc:
-            return error_response(400, str(exc), "invalid_checkpoint")
+        except (OSError, ValueError) as exc:  # missing, unreadable or unnameable path (ENAMETOOLONG): the caller's
+            return error_response(400, f"cannot load a checkpoint from {body.path[:200]!r}: {type(exc).__name__}: "
+                                       f"{str(exc)[:300]}", "invalid_checkpoint")
         except Exception as exc:  # an engine fault: a JSON error naming it, never a bare 500
             return error_response(500, f"weight update failed: {type(exc).__name__}: {exc}", "server_error")
         cache_note = "features stay valid: they depend on the processor, not on the weights"
