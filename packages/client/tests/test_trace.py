@@ -123,3 +123,20 @@ def test_a_turn_sampled_at_another_temperature_starts_a_new_segment_carrying_it(
 def test_a_node_must_say_its_sampling_temperature(ref):
     with pytest.raises(ValidationError, match="temperature"):
         TraceNode(prompt_ids=[1], completion_ids=[2], completion_logprobs=[-1.0], images=[], num_messages=1)
+
+
+def test_segment_turns_name_the_node_of_every_sampled_token(ref):
+    bridged = Trace.build(**two_turns(ref)).segments()[0]
+    assert [t for t, m in zip(bridged.turns, bridged.sampled_mask) if m] == [0, 0, 1, 1]
+    assert {t for t, m in zip(bridged.turns, bridged.sampled_mask) if not m} == {-1}
+    fields = two_turns(ref, second_prompt_prefix=[1, 151652] + [PAD] * ref.num_tokens + [151653, 2, 5, STOP])
+    first, second = Trace.build(**fields).segments()
+    assert set(first.turns) == {-1, 0} and set(second.turns) == {-1, 1}
+
+
+def test_returns_to_go_are_what_each_turn_and_later_ones_earned(ref):
+    trace = Trace.build(**two_turns(ref) | dict(reward=0.5, turn_rewards=[0.5, 0.5]))
+    assert trace.returns_to_go() == [0.5, 0.0]  # turn one earned it all, turn two nothing
+    assert Trace.build(**two_turns(ref)).returns_to_go() == [1.0, 1.0]  # no turn rewards: the episode's
+    with pytest.raises(TraceError, match="1 turn rewards for 2 nodes"):
+        Trace.build(**two_turns(ref) | dict(turn_rewards=[1.0]))

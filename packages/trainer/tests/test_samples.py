@@ -4,10 +4,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from mmref.client.trace import TraceSegment
 from mmref.renderers import ImageStore
 from mmref.renderers.errors import SlotError
 from mmref.trainer.errors import SampleError
-from mmref.trainer.samples import TrainingSample, group_advantages
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from trainer_cases import PAD, make_sample
 
 
@@ -83,3 +87,19 @@ def test_group_advantages_are_normalized_and_zero_for_flat_groups():
     assert advantages == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
     assert group_advantages([0.5] * 8) == [0.0] * 8
     assert group_advantages([]) == []
+
+
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=1, max_size=4), min_size=2, max_size=8))
+def test_turn_advantages_normalize_each_turn_among_the_members_that_reached_it(returns):
+    advantages = group_turn_advantages(returns)
+    assert [len(a) for a in advantages] == [len(r) for r in returns]
+    for t in range(max(len(r) for r in returns)):
+        reached = [i for i, r in enumerate(returns) if len(r) > t]
+        assert [advantages[i][t] for i in reached] == group_advantages([returns[i][t] for i in reached])
+
+
+def test_per_turn_advantages_land_on_their_turns_tokens():
+    segment = TraceSegment("qwen2-vl", [1, 7, 8, 2, 9], [False, True, True, False, True],
+                           [0.0, -0.1, -0.2, 0.0, -0.3], [], 0, 1.0, turns=[-1, 0, 0, -1, 1])
+    sample = TrainingSample.from_segment(segment, advantage=[2.0, -1.0], image_pad_id=PAD)
+    assert sample.advantages == [0.0, 2.0, 2.0, 0.0, -1.0]

@@ -179,7 +179,7 @@ async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
                 sampling: Sampling, max_turns: int, group_id: str | None,
                 limit: AbstractAsyncContextManager, clock: RolloutClock) -> Trace:
     """The turn loop from the opening ``messages`` (rendered); ``first`` is turn one's completion if already sampled."""
-    nodes, reward, metrics = [], 0.0, {"bridged_turns": 0.0, "full_renders": 1.0}
+    nodes, turn_rewards, metrics = [], [], {"bridged_turns": 0.0, "full_renders": 1.0}
     for turn in range(max_turns):
         if turn == 0 and first is not None:
             completion, weight_version = first
@@ -195,6 +195,7 @@ async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
             parsed = renderer.parse_response(completion.token_ids)
         with clock.timing("env_s"):
             new_messages, reward, done = env.step(parsed.content)
+        turn_rewards.append(float(reward))
         messages = messages + [{"role": "assistant", "content": parsed.content}]
         if done:
             break
@@ -211,4 +212,5 @@ async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
                 metrics["bridged_turns"] += 1
     return Trace.build(rollout_id=uuid.uuid4().hex[:12], group_id=group_id, family=renderer.family,
                        image_pad_id=renderer.image_pad_id, stop_token_ids=renderer.stop_token_ids,
-                       messages=messages, nodes=nodes, reward=reward, metrics=metrics)
+                       messages=messages, nodes=nodes, reward=turn_rewards[-1] if turn_rewards else 0.0,
+                       turn_rewards=turn_rewards, metrics=metrics)

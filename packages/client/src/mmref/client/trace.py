@@ -16,7 +16,7 @@ turn was re-rendered or sampled at another temperature (a segment carries one).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -33,6 +33,7 @@ class TraceSegment:
 
     ``temperature`` is the sampling temperature of every sampled token in it: the engine's
     logprobs are of ``logits / temperature``, and the trainer must score them alike.
+    ``turns`` gives, per token, the index of the node (turn) that sampled it, -1 on context.
     """
 
     family: str
@@ -42,6 +43,7 @@ class TraceSegment:
     images: list[ImageSlot]
     weight_version: int | None = None
     temperature: float = 1.0
+    turns: list[int] = field(default_factory=list)
 
 
 class TraceNode(BaseModel):
@@ -78,6 +80,7 @@ class Trace(BaseModel):
     messages: list[dict[str, Any]]
     nodes: list[TraceNode]
     reward: float = 0.0
+    turn_rewards: list[float] = Field(default_factory=list)  # the env's reward so far after each node
     metrics: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -86,6 +89,8 @@ class Trace(BaseModel):
             reject_pixel_payload({"messages": self.messages, "metrics": self.metrics}, "trace")
         except RefError as exc:
             raise ValueError(str(exc)) from None
+        if self.turn_rewards and len(self.turn_rewards) != len(self.nodes):
+            raise ValueError(f"{len(self.turn_rewards)} turn rewards for {len(self.nodes)} nodes (one per node, or none)")
         image_urls = _image_refs_in_order(self.messages)
         for index, node in enumerate(self.nodes):
             try:
@@ -136,18 +141,28 @@ class Trace(BaseModel):
 
     # -- learning view ----------------------------------------------------------------------
 
+    def returns_to_go(self) -> list[float]:
+        """Per node: the reward earned from that turn on (the final reward less the reward before it).
+
+        Without ``turn_rewards`` every node gets the episode's reward.
+        """
+        if not self.turn_rewards:
+            return [self.reward] * len(self.nodes)
+        before = [0.0] + self.turn_rewards[:-1]
+        return [self.turn_rewards[-1] - b for b in before]
+
     def segments(self) -> list[TraceSegment]:
         """Sequences to learn from: nodes whose prompts extend the previous turn join one segment."""
         segments: list[TraceSegment] = []
         current: TraceSegment | None = None
         previous: TraceNode | None = None
-        for node in self.nodes:
+        for turn, node in enumerate(self.nodes):
             if current is not None and previous is not None and self._extends(previous, node):
-                current = self._extend(current, previous, node)
+                current = self._extend(current, previous, node, turn)
             else:
                 if current is not None:
                     segments.append(current)
-                current = self._start(node)
+                current = self._start(node, turn)
             previous = node
         if current is not None:
             segments.append(current)
@@ -166,14 +181,13 @@ class Trace(BaseModel):
         kept = previous.prompt_ids + previous.completion_ids[: self._kept_completion(previous)]
         return node.prompt_ids[: len(kept)] == kept
 
-    def _start(self, node: TraceNode) -> TraceSegment:
-        n = len(node.prompt_ids)
-        return TraceSegment(self.family, node.prompt_ids + node.completion_ids,
-                            [False] * n + [True] * len(node.completion_ids),
+    def _start(self, node: TraceNode, turn: int) -> TraceSegment:
+        n, m = len(node.prompt_ids), len(node.completion_ids)
+        return TraceSegment(self.family, node.prompt_ids + node.completion_ids, [False] * n + [True] * m,
                             [0.0] * n + list(node.completion_logprobs), list(node.images), node.weight_version,
-                            node.temperature)
+                            node.temperature, [-1] * n + [turn] * m)
 
-    def _extend(self, segment: TraceSegment, previous: TraceNode, node: TraceNode) -> TraceSegment:
+    def _extend(self, segment: TraceSegment, previous: TraceNode, node: TraceNode, turn: int) -> TraceSegment:
         # The previous prompt and completion (through its stop) lie in this prompt verbatim:
         # keep their sampled flags and logprobs, the rest of the prompt is context.
         kept = len(previous.prompt_ids) + self._kept_completion(previous)
@@ -183,6 +197,7 @@ class Trace(BaseModel):
             segment.sampled_mask[:kept] + [False] * context + [True] * len(node.completion_ids),
             segment.logprobs[:kept] + [0.0] * context + list(node.completion_logprobs),
             list(node.images), node.weight_version, node.temperature,
+            segment.turns[:kept] + [-1] * context + [turn] * len(node.completion_ids),
         )
 
 

@@ -44,7 +44,7 @@ from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import RunConfig
-from mmref.trainer.samples import TrainingSample, group_advantages
+from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer
 from mmref.trainer.train import DistributedJob
 
@@ -139,7 +139,7 @@ class Orchestrator:
         if config.train.nproc == 0:
             trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
                                     processor=self.processor, config=config.train,
-                                    image_token_ids=image_token_ids_of(self.policy))
+                                    image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps)
             return InProcessTrainer(trainer, checkpoints / "latest", config.model.family, inference_url)
         initial = save_checkpoint(self.policy, checkpoints / "initial", config.model.family, weight_version=0)
         timeout = config.train.rank_timeout_s
@@ -179,12 +179,17 @@ class Orchestrator:
         return [t for group in traces for t in group], client.bytes_sent - sent, times
 
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
+        """Every trace's segments, with advantages normalized within its group (per turn under ``credit = "turn"``)."""
         by_group: dict[str, list[Trace]] = {}
         for trace in traces:
             by_group.setdefault(trace.group_id or trace.rollout_id, []).append(trace)
         samples = []
         for group in by_group.values():
-            for trace, advantage in zip(group, group_advantages([t.reward for t in group])):
+            if self.config.rollout.credit == "turn":
+                advantages = group_turn_advantages([t.returns_to_go() for t in group])
+            else:
+                advantages = group_advantages([t.reward for t in group])
+            for trace, advantage in zip(group, advantages):
                 for segment in trace.segments():
                     samples.append(TrainingSample.from_segment(segment, advantage, self.renderer.image_pad_id))
         return samples
@@ -199,6 +204,17 @@ class Orchestrator:
                 turns.append(TurnRecord(user_text="codeword?", images=new_images, completion=text))
             self.run.append(self.run.rollouts, RolloutRecord(step, trace.rollout_id, trace.reward, turns).to_json())
 
+
+
+def reward_by_turn(traces: list[Trace]) -> list[float]:
+    """Mean reward earned at each turn index, over the rollouts that reached it (empty without turn rewards)."""
+    earned: dict[int, list[float]] = {}
+    for trace in traces:
+        before = 0.0
+        for turn, total in enumerate(trace.turn_rewards):
+            earned.setdefault(turn, []).append(total - before)
+            before = total
+    return [sum(v) / len(v) for _, v in sorted(earned.items())]
 
 
 def pixel_values_nbytes(rows: list[PackedRow], spec) -> int:
@@ -251,7 +267,8 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
             rewards = [t.reward for t in traces]
             tokens = sum(len(n.completion_ids) for t in traces for n in t.nodes)
             wall = time.perf_counter() - start
-            metrics = {"step": step, "reward_mean": sum(rewards) / len(rewards), "rollouts": len(traces),
+            metrics = {"step": step, "reward_mean": sum(rewards) / len(rewards), "reward_by_turn": reward_by_turn(traces),
+                       "rollouts": len(traces),
                        "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
                        "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
                        "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,

@@ -62,12 +62,21 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     concurrency: int = Field(64, ge=1)
+    # How rewards become advantages: "episode" gives every token the group-normalized episode
+    # reward; "turn" gives each turn's tokens its return-to-go (the reward from that turn on),
+    # normalized per turn within the group, so a turn is not credited for earlier turns.
+    credit: Literal["episode", "turn"] = "episode"
 
 
 class TrainConfig(_Section):
     """Optimizer and batch shape of the trainer ranks."""
 
     lr: float = Field(3e-3, gt=0)
+    # The rate per optimizer step: linear warmup over `warmup_steps`, then `lr_decay` down to
+    # `lr * min_lr_ratio` at the run's last step (see mmref.trainer.lr_schedule).
+    warmup_steps: int = Field(0, ge=0)
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     clip_low: float = Field(0.2, ge=0)

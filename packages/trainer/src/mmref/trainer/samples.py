@@ -56,12 +56,20 @@ class TrainingSample:
         return token_types(len(self.token_ids), self.images)
 
     @classmethod
-    def from_segment(cls, segment: Any, advantage: float, image_pad_id: int) -> TrainingSample:
-        """A sample from a trace segment (``mmref.client.trace.TraceSegment``)."""
+    def from_segment(cls, segment: Any, advantage: float | Sequence[float], image_pad_id: int) -> TrainingSample:
+        """A sample from a trace segment (``mmref.client.trace.TraceSegment``).
+
+        ``advantage`` is one number for every sampled token, or one per turn of the trace
+        (indexed by the segment's ``turns``).
+        """
         mask = [bool(m) for m in segment.sampled_mask]
+        if isinstance(advantage, Sequence):
+            per_token = [advantage[t] if m else 0.0 for m, t in zip(mask, segment.turns, strict=True)]
+        else:
+            per_token = [advantage if m else 0.0 for m in mask]
         return cls(
             family=segment.family, token_ids=list(segment.token_ids), loss_mask=mask,
-            advantages=[advantage if m else 0.0 for m in mask],
+            advantages=per_token,
             inference_logprobs=[float(lp) if m else 0.0 for lp, m in zip(segment.logprobs, mask)],
             images=list(segment.images), image_pad_id=image_pad_id,
             weight_version=segment.weight_version, temperature=segment.temperature,
@@ -80,3 +88,15 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
     if std < eps:
         return [0.0] * len(rewards)
     return [(r - mean) / (std + eps) for r in rewards]
+
+
+def group_turn_advantages(returns: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Per member and turn: its return-to-go normalized among the members that reached that turn.
+
+    ``returns[i][t]`` is member i's reward from turn t on (``Trace.returns_to_go``). A turn's
+    advantage then carries only what that turn and later ones earned, not the noise of
+    earlier turns' rewards; a turn only one member reached gets 0.
+    """
+    turns = max((len(r) for r in returns), default=0)
+    columns = [iter(group_advantages([r[t] for r in returns if len(r) > t])) for t in range(turns)]
+    return [[next(columns[t]) for t in range(len(r))] for r in returns]

@@ -25,6 +25,7 @@ from mmref.renderers import ImageStore
 from mmref.renderers.processed import render_processed
 from mmref.renderers.render import create_renderer
 from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.models import build_image_processor
 from mmref.trainer.rl import build_policy
 from mmref.trainer.run_config import RunConfig
@@ -59,6 +60,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     renderer = create_renderer(tokenizer, config.model.family, spec=spec)
     store, processor = ImageStore(run_dir / "store"), build_image_processor(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+    scheduler = build_scheduler(optimizer, total_steps=config.max_steps, warmup_steps=config.train.warmup_steps,
+                                decay=config.train.lr_decay, min_ratio=config.train.min_lr_ratio)
     end_id = renderer.stop_token_ids[0]
     model.train()
     metrics = run_dir / "sft_metrics.jsonl"
@@ -78,9 +81,11 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
             (loss / config.rollout.prompts_per_step).backward()
             losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": sum(losses) / len(losses), "step_s": time.perf_counter() - start}
+        record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "step_s": time.perf_counter() - start}
         with metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
         console.print(f"sft step {step + 1}/{config.max_steps} loss {record['loss']:.3f}")

@@ -25,6 +25,7 @@ from mmref.renderers.refs import check_slots
 from mmref.renderers.store import ImageStore
 from mmref.trainer.forward import RowOutput, forward_row
 from mmref.trainer.loss import policy_loss
+from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.materialize import MaterializedRow, Materializer
 from mmref.trainer.pack import MicroBatch
 from mmref.trainer.run_config import TrainConfig
@@ -43,6 +44,7 @@ class StepMetrics:
     images_processed: int
     missing_images: int
     masked_sampled_image_tokens: int
+    lr: float
     materialize_s: float
     forward_s: float
     backward_s: float
@@ -68,7 +70,7 @@ class StepMetrics:
         return cls(
             loss=sum(m.loss for m in ranks) / len(ranks), entropy=weighted("entropy"),
             clip_fraction=weighted("clip_fraction"), mismatch_kl=weighted("mismatch_kl"),
-            grad_norm=max(m.grad_norm for m in ranks), loss_tokens=sum(tokens),
+            grad_norm=max(m.grad_norm for m in ranks), loss_tokens=sum(tokens), lr=ranks[0].lr,
             **{name: sum(getattr(m, name) for m in ranks)
                for name in ("images_processed", "missing_images", "masked_sampled_image_tokens")},
             **{name: max(getattr(m, name) for m in ranks)
@@ -92,12 +94,16 @@ class PolicyTrainer:
     """Model + optimizer + materializer; ``step`` does materialize -> forward -> loss -> update."""
 
     def __init__(self, model: torch.nn.Module, *, store: ImageStore, spec: LayoutSpec, processor, config: TrainConfig,
-                 image_token_ids: Iterable[int], materializer: Materializer | None = None) -> None:
+                 image_token_ids: Iterable[int], materializer: Materializer | None = None,
+                 total_steps: int | None = None) -> None:
         self.model, self.spec, self.config = model, spec, config
         self.image_token_ids = frozenset(image_token_ids)
         self.materializer = materializer or Materializer(store, spec, processor,
                                                          missing_image_policy=config.missing_image_policy)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, total_steps=total_steps or 1, warmup_steps=config.warmup_steps,
+                                         decay=config.lr_decay if total_steps else "constant",
+                                         min_ratio=config.min_lr_ratio)
         self.rope_index = _rope_index_of(model)
 
     def forward(self, batch: MaterializedRow, where: str = "row") -> RowOutput:
@@ -149,14 +155,16 @@ class PolicyTrainer:
             sums["masked"] += out.masked_sampled_image_tokens
         start = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.scheduler.step()
         optimizer_s = time.perf_counter() - start
         tokens = max(1, sums["tokens"])
         return StepMetrics(
             loss=sums["loss"] / normalizer, entropy=sums["entropy"] / tokens, clip_fraction=sums["clipped"] / tokens,
             mismatch_kl=sums["mismatch"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
             images_processed=prepared.images_processed, missing_images=prepared.missing_images,
-            masked_sampled_image_tokens=sums["masked"], materialize_s=prepared.seconds,
+            masked_sampled_image_tokens=sums["masked"], lr=lr, materialize_s=prepared.seconds,
             forward_s=times["forward"], backward_s=times["backward"], optimizer_s=optimizer_s,
         )
 

@@ -99,7 +99,7 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
     materializer = Materializer(store, spec, processor, device=info.device,
                                 missing_image_policy=job.train.missing_image_policy)
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
-                            image_token_ids=image_token_ids, materializer=materializer)
+                            image_token_ids=image_token_ids, materializer=materializer, total_steps=job.steps)
     limits = TransportLimits(ready_timeout_s=job.ready_timeout_s, recv_timeout_s=job.recv_timeout_s)
     receiver = ZmqReceiver(TransportAddresses(pub=job.pub_address, ready=job.ready_address), info.rank, limits)
     report: list[dict] = []
