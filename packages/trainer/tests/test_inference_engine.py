@@ -12,6 +12,7 @@ from mmref.trainer.models import image_token_ids_of
 from mmref.trainer.pack import pack
 from mmref.trainer.samples import TrainingSample
 from mmref.renderers.refs import ImageSlot, parse_ref
+from mmref.trainer.inference.api import SamplingParams
 from inference_cases import PAD, app_and_store, client, prompt_with_images, served, stored_refs
 
 
@@ -257,3 +258,26 @@ def test_multi_token_group_request_prefills_once_then_decodes_every_sample_with_
         assert len(choice["token_ids"]) == len(choice["logprobs"]) >= 1
         trainer = teacher_forced(model, store, ids, slots, choice["token_ids"])
         assert (trainer - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
+
+
+def test_a_batch_waits_for_requests_still_being_handled_and_a_bad_one_does_not_hold_it():
+    """Requests announced by the server (``arriving``) join the open batch though they reach the queue
+    far apart; one that fails before ``generate`` leaves nothing waiting."""
+    model = served("qwen2-vl")
+    engine = model.engine
+    sizes = []
+    real = engine.generate_batch
+    engine.generate_batch = lambda jobs: sizes.append(len(jobs)) or real(jobs)
+
+    async def request(delay: float, fail: bool = False):
+        with engine.arriving():
+            await asyncio.sleep(delay)  # validation and feature loading: arrivals 8 ms apart, batch_wait_s is 5
+            if fail:
+                raise ValueError("bad request")
+            return await engine.generate([1, 2, 3], [], [0, 0, 0], SamplingParams(max_tokens=1))
+
+    async def burst():
+        return await asyncio.gather(*(request(0.008 * i) for i in range(6)), request(0.002, fail=True),
+                                    return_exceptions=True)
+    results = asyncio.run(burst())
+    assert sizes == [6] and isinstance(results[-1], ValueError) and engine._arriving == 0

@@ -167,7 +167,7 @@ class Orchestrator:
         groups = [ResetCopies(ColorCodewordEnv(self.env_config, seed=seed), cfg.group_size) for seed in seeds]
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
-        clock, generated, start = RolloutClock(), engine.generate_s, time.perf_counter()
+        clock, generated, batches, start = RolloutClock(), engine.generate_s, engine.batches, time.perf_counter()
         # A group's members open alike (same seed): turn one is one n=group_size request per group.
         traces = await run_group_rollouts(groups, self.renderer, client, self.store, sampling,
                                           concurrency=cfg.concurrency,
@@ -175,7 +175,7 @@ class Orchestrator:
         wall, generate_s = time.perf_counter() - start, engine.generate_s - generated
         times = {"collect_s": wall, "env_s": clock.env_s, "render_s": clock.render_s, "generate_s": generate_s,
                  "http_server_s": wall - clock.env_s - clock.render_s - generate_s,
-                 "requests": client.requests - requests}
+                 "requests": client.requests - requests, "engine_batches": engine.batches - batches}
         return [t for group in traces for t in group], client.bytes_sent - sent, times
 
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
@@ -243,7 +243,7 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
 async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress: Progress, task: Any) -> list[dict]:
     config = orch.config
     history = []
-    async with TrainClient(base_url) as client:
+    async with TrainClient(base_url, max_connections=config.rollout.concurrency) as client:
         pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
             start = time.perf_counter()

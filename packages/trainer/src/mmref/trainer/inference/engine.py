@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -31,6 +32,9 @@ from mmref.trainer.inference.api import Choice, SamplingParams
 from mmref.trainer.inference.sampling import RecordingSampler
 from mmref.trainer.pixels import ImageFeatures
 from mmref.trainer.vision_once import vision_once
+
+
+_ANNOUNCED: ContextVar[bool] = ContextVar("mmref_engine_announced", default=False)
 
 
 class Engine(Protocol):
@@ -70,7 +74,8 @@ class TransformersEngine:
 
     def __init__(self, model: torch.nn.Module, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
                  pad_token_id: int, device: str = "cpu", weight_version: int = 0,
-                 max_model_len: int | None = None, max_batch: int = 32, batch_wait_s: float = 0.005) -> None:
+                 max_model_len: int | None = None, max_batch: int = 32, batch_wait_s: float = 0.005,
+                 max_batch_wait_s: float = 0.05) -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.image_token_ids = frozenset(image_token_ids)
@@ -89,9 +94,12 @@ class TransformersEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model_lock = threading.Lock()
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s  # requests per forward; wait for the next
+        self.max_batch_wait_s = max_batch_wait_s  # longest a batch stays open for requests still ``arriving``
+        self._arriving = 0
         # perf_counter sums a caller reads as deltas (mmref rl's per-step split): sampling, weight loads
         self.generate_s = 0.0
         self.load_s = 0.0
+        self.batches = 0  # forwards (generate batches) run
 
     async def generate(self, prompt_ids, features, mm_token_type_ids, sampling, image_sha256=()) -> list[Choice]:
         loop = asyncio.get_running_loop()
@@ -100,20 +108,40 @@ class TransformersEngine:
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
+        if _ANNOUNCED.get():  # announced by ``arriving``: no longer on its way
+            _ANNOUNCED.set(False)
+            self._arriving -= 1
         await self._queue.put(Job(prompt_ids, features, mm_token_type_ids, sampling, future, image_sha256))
         return await future
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a request's handling before ``generate`` (validation, feature loading): the worker
+        holds its next batch open for requests inside this block, up to ``max_batch_wait_s``."""
+        self._arriving += 1
+        token = _ANNOUNCED.set(True)
+        try:
+            yield
+        finally:
+            if _ANNOUNCED.get():  # never reached generate (a bad request)
+                self._arriving -= 1
+            _ANNOUNCED.reset(token)
 
     async def _serve(self) -> None:
         while True:
             jobs = [await self._queue.get()]
+            opened = time.perf_counter()
             while len(jobs) < self.max_batch:  # drain: one thread hop and one forward per batch of requests
                 if self._queue.empty():
-                    # A burst (a step's group requests) reaches the queue a few ms apart, behind HTTP
+                    # A burst (a step's group requests) reaches the queue several ms apart, behind HTTP
                     # parsing and feature loading; a forward costs 7 ms for 1 prompt and 18 ms for 32
-                    # (1 thread), so waiting briefly for the next arrival beats a forward per arrival.
+                    # (1 thread), so waiting for requests already being handled beats a forward each.
                     await asyncio.sleep(self.batch_wait_s)
-                    if self._queue.empty():
+                    expected = self._arriving > 0 and time.perf_counter() - opened < self.max_batch_wait_s
+                    if self._queue.empty() and not expected:
                         break
+                    if self._queue.empty():
+                        continue
                 jobs.append(self._queue.get_nowait())
             results = await asyncio.to_thread(self._run_jobs, jobs)
             for job, result in zip(jobs, results):
@@ -129,6 +157,7 @@ class TransformersEngine:
         results: dict[int, list[Choice] | BaseException] = {}
         start = time.perf_counter()
         for batch in _batches(jobs):
+            self.batches += 1
             try:
                 for job, choices in zip(batch, self.generate_batch(batch)):
                     results[id(job)] = choices

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import nullcontext
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +55,8 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
     async def generate(body: GenerateRequest) -> JSONResponse:
         start = time.perf_counter()
         try:
-            response = await _generate(served, cache, body)
+            with getattr(served.engine, "arriving", nullcontext)():  # lets the engine batch this request
+                response = await _generate(served, cache, body)
             metrics.tokens_generated += sum(len(c.token_ids) for c in response.choices)
             result = JSONResponse(response.model_dump())
         except RequestError as exc:
