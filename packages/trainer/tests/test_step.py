@@ -15,7 +15,7 @@ from mmref.trainer.materialize import Materializer
 from mmref.trainer.models import build_tiny_model
 from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.run_config import TrainConfig
-from mmref.trainer.step import PolicyTrainer, StepMetrics
+from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
 from trainer_cases import FAMILIES, IMAGE_TOKENS, PAD, make_sample, processor, small_spec
 
 
@@ -121,7 +121,7 @@ def test_checkpoint_round_trip_reproduces_logprobs(store, tmp_path):
 
 def test_combined_rank_metrics_average_loss_weight_per_token_means_and_add_counts():
     def part(loss, entropy, tokens, images, forward_s):
-        return StepMetrics(loss=loss, entropy=entropy, clip_fraction=entropy / 10, mismatch_kl=0.0, grad_norm=2.0,
+        return StepMetrics(loss=loss, entropy=entropy, clip_fraction=entropy / 10, mismatch_kl=0.0, ref_kl=0.0, grad_norm=2.0,
                            loss_tokens=tokens, images_processed=images, missing_images=0,
                            masked_sampled_image_tokens=0, lr=1e-3, materialize_s=0.1, forward_s=forward_s, backward_s=0.2,
                            optimizer_s=0.01)
@@ -198,3 +198,22 @@ def test_samples_sharing_all_but_their_sampled_last_token_train_exactly_as_separ
     for name in ("loss", "entropy", "clip_fraction", "mismatch_kl", "grad_norm"):
         assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-5, abs=1e-6), name
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_coef_needs_a_reference_and_holds_the_policy_near_it(store):
+    with pytest.raises(ValueError, match="kl_coef > 0 needs a frozen reference"):
+        trainer_for("qwen2-vl", store, kl_coef=0.1)
+    samples = [make_sample(store, "qwen2-vl", 3, [(i, (64, 48))], 4, sampled=3, advantage=(-1) ** i, logprob=-11.0)
+               for i in range(4)]
+    batch = MicroBatch(0, pack(samples, 4096))
+
+    def drift(kl_coef: float) -> list[float]:
+        model = build_tiny_model("qwen2-vl")
+        trainer = PolicyTrainer(model, store=store, spec=small_spec("qwen2-vl"), processor=processor("qwen2-vl"),
+                                config=TrainConfig(lr=1e-2, kl_coef=kl_coef), image_token_ids=IMAGE_TOKENS,
+                                reference=frozen_copy(model))
+        return [trainer.step([batch]).ref_kl for _ in range(6)]
+
+    free, held = drift(0.0), drift(5.0)
+    assert free[0] == held[0] == 0.0  # the first step scores the policy at the reference's weights
+    assert free[-1] > 0 and held[-1] < 0.5 * free[-1]

@@ -2,7 +2,9 @@
 
     ratio   = exp(logp_trainer - logp_inference)
     loss_t  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)   (DAPO-style
-              asymmetric clip), plus kl_coef * k3(ref || policy) when a reference is given,
+              asymmetric clip), plus kl_coef * k3 when a reference is given, where
+              k3 = exp(r) - r - 1 with r = logp_ref - logp (Schulman's estimator of
+              KL(policy || reference), unbiased on tokens sampled from the policy),
               minus entropy_coef * entropy_t (an exploration bonus; 0 by default)
     loss    = sum over loss tokens / normalizer (token-level mean across the whole step)
 
@@ -25,6 +27,7 @@ class LossOutput:
     clipped: int
     mismatch_kl_sum: float
     entropy_sum: float
+    ref_kl_sum: float = 0.0
 
 
 def policy_loss(logprobs: torch.Tensor, inference_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -40,9 +43,13 @@ def policy_loss(logprobs: torch.Tensor, inference_logprobs: torch.Tensor, advant
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    if kl_coef > 0 and ref_logprobs is not None:
+    ref_kl = torch.zeros((), device=logprobs.device)
+    if ref_logprobs is not None:
         delta = torch.where(loss_mask, ref_logprobs - logprobs, torch.zeros_like(logprobs))
-        per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+        k3 = torch.exp(delta) - delta - 1
+        ref_kl = (k3.detach() * mask).sum()
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * k3
     if entropy_coef > 0:
         per_token = per_token - entropy_coef * entropy
     with torch.no_grad():
@@ -52,4 +59,5 @@ def policy_loss(logprobs: torch.Tensor, inference_logprobs: torch.Tensor, advant
     return LossOutput(
         loss_sum=torch.where(loss_mask, per_token, torch.zeros_like(per_token)).sum(), tokens=int(mask.sum()), clipped=int(was_clipped),
         mismatch_kl_sum=float(mismatch), entropy_sum=float(torch.where(loss_mask, entropy.detach(), torch.zeros_like(entropy)).sum()),
+        ref_kl_sum=float(ref_kl),
     )

@@ -45,7 +45,7 @@ from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_re
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
-from mmref.trainer.step import PolicyTrainer
+from mmref.trainer.step import PolicyTrainer, frozen_copy
 from mmref.trainer.train import DistributedJob
 
 ROLE_WORDS = ("system", "user", "assistant", "codeword")
@@ -139,7 +139,8 @@ class Orchestrator:
         if config.train.nproc == 0:
             trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
                                     processor=self.processor, config=config.train,
-                                    image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps)
+                                    image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
+                                    reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
             return InProcessTrainer(trainer, checkpoints / "latest", config.model.family, inference_url)
         initial = save_checkpoint(self.policy, checkpoints / "initial", config.model.family, weight_version=0)
         timeout = config.train.rank_timeout_s

@@ -81,6 +81,8 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.28, ge=0)
+    # kl_coef * KL(policy || reference) per loss token, the reference being a frozen copy of the
+    # starting weights (k3 estimator, see mmref.trainer.loss); metrics report it as ref_kl.
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)  # exploration bonus: keeps small policies from collapsing early
     max_seq_len: int = Field(2048, ge=16)

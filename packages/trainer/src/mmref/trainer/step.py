@@ -14,6 +14,7 @@ data parallelism the caller passes the global count so every rank scales alike).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ class StepMetrics:
     entropy: float
     clip_fraction: float
     mismatch_kl: float
+    ref_kl: float  # k3 estimate of KL(policy || reference) per loss token; 0 without a reference
     grad_norm: float
     loss_tokens: int
     images_processed: int
@@ -69,7 +71,7 @@ class StepMetrics:
 
         return cls(
             loss=sum(m.loss for m in ranks) / len(ranks), entropy=weighted("entropy"),
-            clip_fraction=weighted("clip_fraction"), mismatch_kl=weighted("mismatch_kl"),
+            clip_fraction=weighted("clip_fraction"), mismatch_kl=weighted("mismatch_kl"), ref_kl=weighted("ref_kl"),
             grad_norm=max(m.grad_norm for m in ranks), loss_tokens=sum(tokens), lr=ranks[0].lr,
             **{name: sum(getattr(m, name) for m in ranks)
                for name in ("images_processed", "missing_images", "masked_sampled_image_tokens")},
@@ -95,8 +97,10 @@ class PolicyTrainer:
 
     def __init__(self, model: torch.nn.Module, *, store: ImageStore, spec: LayoutSpec, processor, config: TrainConfig,
                  image_token_ids: Iterable[int], materializer: Materializer | None = None,
-                 total_steps: int | None = None) -> None:
-        self.model, self.spec, self.config = model, spec, config
+                 total_steps: int | None = None, reference: torch.nn.Module | None = None) -> None:
+        if config.kl_coef > 0 and reference is None:
+            raise ValueError("train.kl_coef > 0 needs a frozen reference model (mmref.trainer.step.frozen_copy)")
+        self.model, self.spec, self.config, self.reference = model, spec, config, reference
         self.image_token_ids = frozenset(image_token_ids)
         self.materializer = materializer or Materializer(store, spec, processor,
                                                          missing_image_policy=config.missing_image_policy)
@@ -108,6 +112,15 @@ class PolicyTrainer:
 
     def forward(self, batch: MaterializedRow, where: str = "row") -> RowOutput:
         return forward_row(self.model, batch, self.rope_index, self.image_token_ids, self.spec.merge_size, where=where)
+
+    def reference_logprobs(self, batch: MaterializedRow, where: str) -> torch.Tensor | None:
+        """The reference model's logprobs of the row's tokens then its branches (None without one)."""
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            out = forward_row(self.reference, batch, self.rope_index, self.image_token_ids, self.spec.merge_size,
+                              where=where)
+        return torch.cat([out.logprobs, out.branch_logprobs])
 
     def prepare(self, micro_batches: Sequence[MicroBatch]) -> PreparedStep:
         """Check every row's slots against its token ids, then materialize the whole step at once."""
@@ -130,18 +143,20 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         normalizer = normalizer or max(1, sum(mb.num_loss_tokens for mb in prepared.micro_batches))
         times = dict(forward=0.0, backward=0.0)
-        sums = dict(loss=0.0, entropy=0.0, clipped=0, mismatch=0.0, tokens=0, masked=0)
+        sums = dict(loss=0.0, entropy=0.0, clipped=0, mismatch=0.0, ref_kl=0.0, tokens=0, masked=0)
         for batch, label in zip(prepared.rows, prepared.labels):
             start = time.perf_counter()
             out = self.forward(batch, label)
             device = out.logprobs.device
             row = batch.row
+            reference = self.reference_logprobs(batch, label)
             result = policy_loss(  # the row's own tokens, then its branches
                 torch.cat([out.logprobs, out.branch_logprobs]),
                 torch.tensor(row.inference_logprobs[1:] + row.branch_logprobs, device=device),
                 torch.tensor(row.advantages[1:] + row.branch_advantages, device=device),
                 torch.cat([out.loss_mask, out.branch_mask]), torch.cat([out.entropy, out.branch_entropy]),
                 self.config.clip_low, self.config.clip_high, entropy_coef=self.config.entropy_coef,
+                kl_coef=self.config.kl_coef, ref_logprobs=reference,
             )
             times["forward"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -151,6 +166,7 @@ class PolicyTrainer:
             sums["entropy"] += result.entropy_sum
             sums["clipped"] += result.clipped
             sums["mismatch"] += result.mismatch_kl_sum
+            sums["ref_kl"] += result.ref_kl_sum
             sums["tokens"] += result.tokens
             sums["masked"] += out.masked_sampled_image_tokens
         start = time.perf_counter()
@@ -162,11 +178,18 @@ class PolicyTrainer:
         tokens = max(1, sums["tokens"])
         return StepMetrics(
             loss=sums["loss"] / normalizer, entropy=sums["entropy"] / tokens, clip_fraction=sums["clipped"] / tokens,
-            mismatch_kl=sums["mismatch"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
+            mismatch_kl=sums["mismatch"] / tokens, ref_kl=sums["ref_kl"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
             images_processed=prepared.images_processed, missing_images=prepared.missing_images,
             masked_sampled_image_tokens=sums["masked"], lr=lr, materialize_s=prepared.seconds,
             forward_s=times["forward"], backward_s=times["backward"], optimizer_s=optimizer_s,
         )
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` that never trains: the reference of ``train.kl_coef``."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def _rope_index_of(model: torch.nn.Module):

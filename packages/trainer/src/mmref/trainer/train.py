@@ -29,7 +29,7 @@ from mmref.trainer.materialize import Materializer
 from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of, load_model
 from mmref.trainer.pack import MicroBatch
 from mmref.trainer.run_config import TrainConfig
-from mmref.trainer.step import PolicyTrainer, StepMetrics
+from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
 
 class DistributedJob(BaseModel):
@@ -92,6 +92,7 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
     model = _build_model(job)
     image_token_ids = image_token_ids_of(model)
     model = model.to(info.device)
+    reference = frozen_copy(model) if job.train.kl_coef > 0 else None  # unsharded: a full copy per rank
     # Rank 0 keeps an unsharded copy to export full weights into (checkpoint.save_checkpoint
     # writes a plain module; FSDP2 parameters are shards).
     export = _build_model(job) if info.rank == 0 and job.checkpoint_dir else None
@@ -99,7 +100,8 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
     materializer = Materializer(store, spec, processor, device=info.device,
                                 missing_image_policy=job.train.missing_image_policy)
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
-                            image_token_ids=image_token_ids, materializer=materializer, total_steps=job.steps)
+                            image_token_ids=image_token_ids, materializer=materializer, total_steps=job.steps,
+                            reference=reference)
     limits = TransportLimits(ready_timeout_s=job.ready_timeout_s, recv_timeout_s=job.recv_timeout_s)
     receiver = ZmqReceiver(TransportAddresses(pub=job.pub_address, ready=job.ready_address), info.rank, limits)
     report: list[dict] = []
