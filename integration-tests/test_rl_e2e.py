@@ -81,3 +81,10 @@ def test_rank_killed_mid_run_ends_it_fast_with_its_cause_and_leaves_nothing_behi
 def test_invalid_config_value_is_named_and_exits_2(tmp_path, capsys):
     assert main(["rl", CONFIG, "--set", "rollout.group_size=1"]) == 2
     assert "rollout.group_size" in capsys.readouterr().err
+
+
+def test_vllm_engine_in_rl_is_refused_with_what_to_use_instead(tmp_path, capsys):
+    assert main(["rl", CONFIG, "--output-dir", str(tmp_path), "--set", "inference.engine='vllm'"]) == 2
+    err = capsys.readouterr().err
+    assert "inference.engine = 'vllm'" in err and "mmref serve --engine vllm" in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the run started

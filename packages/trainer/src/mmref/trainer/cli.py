@@ -80,6 +80,9 @@ def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
         return 2
     try:
         run(config)
+    except ConfigError as exc:  # a config that loads but this command cannot run
+        print(f"mmref {command}: {exc}", file=sys.stderr)
+        return 2
     except MMRefError as exc:  # a typed failure (a rank died, a missing image, ...): its message says what
         print(f"mmref {command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

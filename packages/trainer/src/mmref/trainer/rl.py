@@ -43,7 +43,7 @@ from mmref.trainer.models import TinySize, build_image_processor, build_tiny_mod
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
-from mmref.trainer.run_config import RunConfig
+from mmref.trainer.run_config import ConfigError, RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer, frozen_copy
 from mmref.trainer.train import DistributedJob
@@ -287,6 +287,9 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
 
 def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
     """Run ``config`` to completion; always shuts the server down."""
+    if config.inference.engine != "transformers":
+        raise ConfigError(f"inference.engine = {config.inference.engine!r}: mmref rl samples with its built-in "
+                          "transformers engine only; vLLM serves checkpoints with `mmref serve --engine vllm`")
     console = console or Console()
     run_dir = Path(config.output_dir)
     start = time.perf_counter()
