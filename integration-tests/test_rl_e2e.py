@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mmref.trainer.cli import main
 
@@ -23,10 +24,14 @@ SMALL = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2"]
 @pytest.mark.parametrize("nproc", [1, 2, 0], ids=["1-rank", "2-ranks", "in-process"])
 def test_short_rl_run_writes_metrics_plot_viewer_and_checkpoints(tmp_path, nproc):
     out = tmp_path / "run"
-    code = main(["rl", CONFIG, "--max-steps", "2", "--output-dir", str(out), "--set", f"train.nproc={nproc}", *SMALL])
+    code = main(["rl", CONFIG, "--max-steps", "2", "--output-dir", str(out), "--set", f"train.nproc={nproc}", *SMALL,
+                 "--set", "log.tensorboard=true"])
     assert code == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()  # the logger got the records metrics.jsonl got
+    assert [e.value for e in events.Scalars("reward_mean")] == pytest.approx([m["reward_mean"] for m in metrics])
     assert all(m["rollouts"] == 4 and 0.0 <= m["reward_mean"] <= 1.0 for m in metrics)
     assert all(m["ranks"] == max(1, nproc) and m["loss_tokens"] > 0 for m in metrics)
     # max_async = 1: step 1's rollouts were sampled while step 0 trained, with step 0's weights.

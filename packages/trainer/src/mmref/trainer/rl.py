@@ -39,6 +39,7 @@ from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.inference.serving import ServedModel
+from mmref.trainer.loggers import Loggers
 from mmref.trainer.models import TinySize, build_image_processor, build_tiny_model, image_token_ids_of, processor_spec
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
@@ -132,6 +133,7 @@ class Orchestrator:
                                   processor_spec(config.model.family, self.processor), self.processor, engine,
                                   self.renderer.image_pad_id)
         self.rng = random.Random(config.seed)
+        self.loggers = Loggers.open(config.log, run_dir, config.model_dump())
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
@@ -197,6 +199,7 @@ class Orchestrator:
 
     def record(self, step: int, traces: list[Trace], metrics: dict[str, Any]) -> None:
         self.run.append(self.run.metrics, json.dumps(metrics))
+        self.loggers.log(metrics)
         for trace in traces[:: max(1, len(traces) // 4)][:4]:
             turns = []
             for node in trace.nodes:
@@ -298,7 +301,10 @@ def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
     with serve_in_thread(app, config.inference.host, config.inference.port) as url, Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting", total=config.max_steps)
-        history = asyncio.run(_loop(orch, url, progress, task))
+        try:
+            history = asyncio.run(_loop(orch, url, progress, task))
+        finally:
+            orch.loggers.close()
     write_reward_curve(history, run_dir / "reward.png", chance=orch.env_config.chance)
     write_viewer(run_dir, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(run_dir / "rollouts.jsonl")])
     summary = RunSummary(run_dir, len(history), history[-1]["reward_mean"],

@@ -101,6 +101,16 @@ class InferenceConfig(_Section):
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
 
 
+class LogConfig(_Section):
+    """Where metrics go besides ``metrics.jsonl`` (the source of truth): W&B and TensorBoard (optional extras)."""
+
+    wandb: bool = False
+    wandb_project: str = "mmref"
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    run_name: str | None = None  # default: the output directory's name
+    tensorboard: bool = False    # event files under <output_dir>/tensorboard
+
+
 class RunConfig(_Section):
     """A whole run."""
 
@@ -114,6 +124,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
+    log: LogConfig = LogConfig()
 
 
 class ConfigError(ValueError):
