@@ -117,19 +117,24 @@ async def _call(env: Any, method: str, args: tuple, kwargs: dict | None = None) 
         raise EnvFailedError(f"environment {describe(env)}.{method}() raised {type(exc).__name__}: {exc}") from exc
 
 
+def accepts_keyword(fn: Any, name: str, named: bool = False) -> bool:
+    """Whether ``fn`` takes keyword ``name``: a parameter of that name, or (unless ``named``) ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == name or (p.kind is p.VAR_KEYWORD and not named) for p in params)
+
+
 @functools.cache
 def _step_takes_tool_calls(kind: type) -> bool:
-    try:
-        params = inspect.signature(kind.step).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature: pass text only
-        return False
-    return any(p.name == "tool_calls" or p.kind is p.VAR_KEYWORD for p in params)
+    return accepts_keyword(kind.step, "tool_calls")
 
 
 def _takes_tool_calls(env: Any) -> bool:
-    """Whether ``env.step`` accepts ``tool_calls`` (named, or ``**kwargs``); looked up once per class."""
+    """Whether ``env.step`` accepts ``tool_calls``; looked up once per class."""
     return _step_takes_tool_calls(type(env))
 
 
 __all__ = ["Environment", "EnvironmentSource", "Messages", "ParsedToolCall", "StepResult", "Vocabulary",
-           "close_env", "describe", "image_root_of", "reset_env", "step_env", "vocabulary_of"]
+           "accepts_keyword", "close_env", "describe", "image_root_of", "reset_env", "step_env", "vocabulary_of"]

@@ -42,14 +42,14 @@ class ModelConfig(_Section):
 
 
 class EnvConfig(_Section):
-    """The environment and its parameters (see ``mmref.client.envs.color_codeword``)."""
+    """The environment: a built-in name, ``package.module:factory`` or an entry point in ``mmref.environments``.
 
-    name: Literal["color-codeword"] = "color-codeword"
-    colors: int = Field(4, ge=2, le=6)
-    turns: int = Field(2, ge=1)
-    min_side: int = Field(40, ge=8)
-    max_side: int = Field(96, ge=8)
-    system_prompt: bool = True  # False: a shorter prompt, so image tokens are a larger share of it
+    ``[env.args]`` go to its factory as keyword arguments (see ``mmref.client.envs.loader``);
+    ``ablate_images`` asks the factory for ``blank_images=True`` (same-size blank images).
+    """
+
+    name: str = Field("color-codeword", min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
     ablate_images: bool = False
 
 
