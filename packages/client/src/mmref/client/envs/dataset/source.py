@@ -23,6 +23,7 @@ from mmref.client.envs.dataset.rows import read_rows
 from mmref.client.errors import DatasetError
 
 MAX_ANSWER_WORDS = 64  # more distinct answers than this are no closed answer set: no answer tokens
+MAX_PROMPT_WORDS = 256  # prompt words as single tokens: a few hundred keep a tiny model's vocabulary tiny
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,17 @@ class DatasetSource:
         self.order.load_state_dict(state)
 
     def vocabulary(self) -> Vocabulary:
-        """The distinct answers as words (when they are a small set of single words), the prompts' text."""
+        """The distinct answers as words (a small set of single words), the prompts' words, and their characters."""
         task = self.task
         answers = list(dict.fromkeys(str(row[task.answer_column]).strip() for row in self.rows))
         closed = len(answers) <= MAX_ANSWER_WORDS and all(a and not re.search(r"\s", a) for a in answers)
         fixed = " ".join(filter(None, [re.sub(r"\{[^}]*\}", " ", task.prompt), task.system_prompt or "",
                                        task.feedback if task.max_turns > 1 else ""]))
-        texts = {task.prompt_text(row, f"row {i}") for i, row in enumerate(self.rows)}
-        return Vocabulary(words=tuple(answers) if closed else (),
-                          prompt_words=tuple(dict.fromkeys(w for w in re.findall(r"\w+", fixed) if len(w) > 1)),
+        texts = list(dict.fromkeys(task.prompt_text(row, f"row {i}") for i, row in enumerate(self.rows)))
+        words = list(dict.fromkeys(w for w in re.findall(r"\w+", " ".join([fixed, *texts])) if len(w) > 1))
+        if len(words) > MAX_PROMPT_WORDS:  # open-ended prompts: only the template's own words
+            words = list(dict.fromkeys(w for w in re.findall(r"\w+", fixed) if len(w) > 1))
+        return Vocabulary(words=tuple(answers) if closed else (), prompt_words=tuple(words),
                           text="".join(sorted(set("".join(texts) + fixed))))
 
     def _episode(self, index: int) -> DatasetEpisode:
