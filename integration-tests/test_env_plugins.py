@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,3 +85,22 @@ def test_a_step_whose_every_group_failed_ends_the_run_with_the_cause(module_dir,
                  "--set", "env.args={mode='always'}"]) == 1
     err = capsys.readouterr().err
     assert "EnvFailedError" in err and "every one of 4 groups failed" in err and "divided by zero" in err
+
+
+@pytest.mark.timeout(300)
+def test_the_shapes_example_generates_a_dataset_that_rl_and_sft_train_on(tmp_path):
+    data = tmp_path / "shapes"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_shapes_dataset.py"), str(data), "--rows", "12",
+                    "--eval-rows", "4", "--tasks", "colour", "count"], check=True, capture_output=True, timeout=120)
+    rows = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows].count("eval") == 4 and all(len(r["images"]) == 2 for r in rows)
+    assert {r["answer"] for r in rows if r["task"] == "count"} <= {"A", "B"}
+    config, path = str(ROOT / "examples" / "shapes-dataset.toml"), f"env.args.path='{data / 'data.jsonl'}'"
+    small = ["--max-steps", "1", "--set", "train.nproc=0", "--set", "rollout.prompts_per_step=4", "--set", path]
+    assert main(["rl", config, "--output-dir", str(tmp_path / "rl"), *small]) == 0
+    turns = [json.loads(line)["turns"][0] for line in (tmp_path / "rl" / "rollouts.jsonl").read_text().splitlines()]
+    assert all(len(t["images"]) == 2 and t["user_text"].endswith("?") for t in turns)
+    assert json.loads((tmp_path / "rl" / "checkpoints" / "data_position.json").read_text())["position"] == {
+        "epoch": 0, "index": 4}  # one step of 4 prompts: 4 rows drawn
+    assert main(["sft", config, "--output-dir", str(tmp_path / "sft"), *small]) == 0
+    assert (tmp_path / "sft" / "checkpoints" / "sft" / "model.safetensors").exists()
