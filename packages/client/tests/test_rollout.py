@@ -237,3 +237,16 @@ def test_a_group_whose_images_cannot_become_refs_is_dropped_but_a_server_error_s
     with pytest.raises(InferenceServerError):
         asyncio.run(play_groups([ResetCopies(ScriptedEnv("y"), 3)], renderer, FakeClient(renderer, short_by=1),
                                 ImageStore(tmp_path), Sampling(max_tokens=4)))
+
+
+def test_a_group_whose_environment_cannot_be_copied_is_dropped(renderer, tmp_path):
+    import threading
+
+    class Locked(ScriptedEnv):
+        def __init__(self, name):
+            super().__init__(name)
+            self.lock = threading.Lock()  # neither picklable nor deep-copyable
+
+    batch = asyncio.run(play_groups([ResetCopies(Locked("x"), 2), ResetCopies(ScriptedEnv("y"), 2)], renderer,
+                                    FakeClient(renderer), ImageStore(tmp_path), Sampling(max_tokens=4)))
+    assert len(batch.groups) == 1 and "cannot be copied" in str(batch.dropped[0].error)

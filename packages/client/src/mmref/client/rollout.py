@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any
 
-from mmref.client.environment import Environment, close_env, image_root_of, reset_env, step_env
+from mmref.client.environment import Environment, close_env, describe, image_root_of, reset_env, step_env
 from mmref.client.errors import EnvFailedError, ImageInputError, InferenceServerError
 from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
@@ -86,7 +86,11 @@ def _copy(env: Environment) -> Environment:
     try:
         return pickle.loads(pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL))
     except (pickle.PicklingError, TypeError, AttributeError):  # unpicklable state (locks, local classes)
-        return copy.deepcopy(env)
+        try:
+            return copy.deepcopy(env)
+        except Exception as exc:  # noqa: BLE001 - an env that cannot be copied fails its group, not the run
+            raise EnvFailedError(f"environment {describe(env)} cannot be copied for the members of its group: "
+                                 f"{type(exc).__name__}: {exc}") from exc
 
 
 async def run_rollout(env: Environment, renderer: Any, client: TrainClient, store: ImageStore, sampling: Sampling,
