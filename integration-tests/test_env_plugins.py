@@ -87,20 +87,48 @@ def test_a_step_whose_every_group_failed_ends_the_run_with_the_cause(module_dir,
     assert "EnvFailedError" in err and "every one of 4 groups failed" in err and "divided by zero" in err
 
 
-@pytest.mark.timeout(300)
-def test_the_shapes_example_generates_a_dataset_that_rl_and_sft_train_on(tmp_path):
-    data = tmp_path / "shapes"
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """A small dataset written by the shapes example's generator: 12 train and 4 eval rows."""
+    data = tmp_path_factory.mktemp("shapes")
     subprocess.run([sys.executable, str(ROOT / "examples" / "make_shapes_dataset.py"), str(data), "--rows", "12",
                     "--eval-rows", "4", "--tasks", "colour", "count"], check=True, capture_output=True, timeout=120)
-    rows = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    return data / "data.jsonl"
+
+
+def shapes_args(shapes: Path, steps: int) -> list[str]:
+    return [str(ROOT / "examples" / "shapes-dataset.toml"), "--max-steps", str(steps), "--set", "train.nproc=0",
+            "--set", "rollout.prompts_per_step=4", "--set", f"env.args.path='{shapes}'"]
+
+
+@pytest.mark.timeout(300)
+def test_the_shapes_example_generates_a_dataset_that_rl_and_sft_train_on(shapes, tmp_path):
+    rows = [json.loads(line) for line in shapes.read_text().splitlines()]
     assert [r["split"] for r in rows].count("eval") == 4 and all(len(r["images"]) == 2 for r in rows)
     assert {r["answer"] for r in rows if r["task"] == "count"} <= {"A", "B"}
-    config, path = str(ROOT / "examples" / "shapes-dataset.toml"), f"env.args.path='{data / 'data.jsonl'}'"
-    small = ["--max-steps", "1", "--set", "train.nproc=0", "--set", "rollout.prompts_per_step=4", "--set", path]
-    assert main(["rl", config, "--output-dir", str(tmp_path / "rl"), *small]) == 0
+    assert main(["rl", *shapes_args(shapes, 1), "--output-dir", str(tmp_path / "rl")]) == 0
     turns = [json.loads(line)["turns"][0] for line in (tmp_path / "rl" / "rollouts.jsonl").read_text().splitlines()]
     assert all(len(t["images"]) == 2 and t["user_text"].endswith("?") for t in turns)
     assert json.loads((tmp_path / "rl" / "checkpoints" / "data_position.json").read_text())["position"] == {
         "epoch": 0, "index": 4}  # one step of 4 prompts: 4 rows drawn
-    assert main(["sft", config, "--output-dir", str(tmp_path / "sft"), *small]) == 0
+    assert main(["sft", *shapes_args(shapes, 1), "--output-dir", str(tmp_path / "sft")]) == 0
     assert (tmp_path / "sft" / "checkpoints" / "sft" / "model.safetensors").exists()
+
+
+@pytest.mark.timeout(300)
+def test_greedy_eval_is_in_the_metrics_and_mmref_eval_of_the_last_checkpoint_repeats_it_exactly(shapes, tmp_path):
+    evals = ["--set", "eval.every=2", "--set", "eval.before_training=true", "--set", "eval.num_examples=4"]
+    assert main(["rl", *shapes_args(shapes, 3), "--output-dir", str(tmp_path / "rl"), *evals]) == 0
+    logged = [(m["step"], [(e["weight_version"], e["rollouts"]) for e in m.get("evals", [])])
+              for m in metrics_of(tmp_path / "rl")]
+    assert logged == [(0, [(0, 4)]), (1, [(2, 4)]), (2, [(3, 4)])]  # before training, every 2 steps, after the last
+    last = metrics_of(tmp_path / "rl")[-1]["evals"][0]
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["eval", *shapes_args(shapes, 1), "--output-dir", str(out), "--set", "eval.num_examples=4",
+                     "--checkpoint", str(tmp_path / "rl" / "checkpoints" / "latest")]) == 0
+        replies = sorted(json.loads(line)["turns"][0]["completion"] for line in
+                         (out / "eval" / "rollouts.jsonl").read_text().splitlines())
+        runs.append((json.loads((out / "eval" / "eval.json").read_text()), replies))
+    assert runs[0] == runs[1] and runs[0][0] == last  # temperature 0: the same weights answer alike

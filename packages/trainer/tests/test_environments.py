@@ -8,7 +8,7 @@ from mmref.client.environment import Vocabulary
 from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordEnv
 from mmref.client.errors import EnvLoadError
 from mmref.renderers.tokenizer import tiny_tokenizer
-from mmref.trainer.environments import run_environment
+from mmref.trainer.environments import EVAL_SEED_BASE, eval_episodes, run_environment
 from mmref.trainer.run_config import load_run_config
 from mmref.trainer.task_tokenizer import RL_SPECIALS, task_tokenizer
 
@@ -50,3 +50,18 @@ def test_answer_words_are_single_tokens_and_no_vocabulary_encodes_any_text():
     assert [len(tokenizer.encode(w)) for w in ("left", "right", " which")] == [1, 1, 1]
     anything = task_tokenizer(None)
     assert anything.decode(anything.encode("Ünïcode & 42!")) == "Ünïcode & 42!"
+
+
+def test_eval_episodes_of_a_seeded_env_use_seeds_training_never_draws_and_a_dataset_uses_its_split(tmp_path):
+    source = run_environment(load_run_config(EXAMPLES / "learnability.toml"))
+    episodes = eval_episodes(source, "eval", 3)
+    assert [e.seed for e in episodes] == [EVAL_SEED_BASE, EVAL_SEED_BASE + 1, EVAL_SEED_BASE + 2]
+    assert EVAL_SEED_BASE >= 2**31  # the orchestrator draws training seeds with randrange(2**31)
+    rows = "".join(f'{{"question": "q{i}", "answer": "a", "image": "", "split": "{s}"}}\n'
+                   for i, s in enumerate(["train", "eval", "train", "eval"]))
+    (tmp_path / "d.jsonl").write_text(rows)
+    config = load_run_config(None, ["env.name='dataset'", f"env.args={{path='{tmp_path / 'd.jsonl'}', "
+                                    "image_column='', split_column='split'}"])
+    source = run_environment(config)
+    assert [e.row["question"] for e in eval_episodes(source, "eval", 5)] == ["q1", "q3"]
+    assert [e.row["question"] for e in eval_episodes(source, "train", 1)] == ["q0"]

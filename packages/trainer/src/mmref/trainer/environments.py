@@ -2,11 +2,12 @@
 
     source = run_environment(config)     # env.name + [env.args] (+ blank_images under --ablate-images)
     env = source.episode(seed)
+    evals = eval_episodes(source, "eval", 32)
 """
 
 from __future__ import annotations
 
-from mmref.client.environment import EnvironmentSource, accepts_keyword
+from mmref.client.environment import Environment, EnvironmentSource, accepts_keyword
 from mmref.client.envs.loader import load_environment, resolve_factory
 from mmref.client.errors import EnvLoadError
 from mmref.trainer.run_config import RunConfig
@@ -22,3 +23,14 @@ def run_environment(config: RunConfig) -> EnvironmentSource:
                                "cannot blank its images")
         args["blank_images"] = True
     return load_environment(name, args, seed=config.seed)
+
+
+# Training draws episode seeds with randrange(2**31), so seeds from 2**31 up are never trained on.
+EVAL_SEED_BASE = 2**31
+
+
+def eval_episodes(source: EnvironmentSource, split: str, limit: int) -> list[Environment]:
+    """Held-out episodes: the source's ``eval_episodes(limit, split)``, else seeds training never draws."""
+    if callable(getattr(source, "eval_episodes", None)):
+        return list(source.eval_episodes(limit, split=split))
+    return [source.episode(EVAL_SEED_BASE + i) for i in range(limit)]

@@ -19,6 +19,7 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
 from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
 from mmref.trainer.environments import run_environment
+from mmref.trainer.evaluation import EvalResult, evaluate
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
@@ -200,6 +202,15 @@ class Orchestrator:
             self.run.append(self.run.root / "env_errors.log", f"step {step} group {group.group_id}: "
                                                               f"{group.error}\n{''.join(lines)}")
 
+    async def evaluate(self, client: TrainClient, weight_version: int) -> EvalResult:
+        """``[eval]``'s held-out episodes on the weights the server holds now (``weight_version``)."""
+        return await evaluate(self.env, self.config, self.renderer, client, self.store, weight_version)
+
+    def eval_due(self, step: int) -> bool:
+        """Whether to evaluate after ``step``: every ``eval.every`` steps and after the last."""
+        every = self.config.eval.every
+        return every > 0 and ((step + 1) % every == 0 or step + 1 == self.config.max_steps)
+
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
         by_group: dict[str, list[Trace]] = {}
         for trace in traces:
@@ -211,10 +222,12 @@ class Orchestrator:
                     samples.append(TrainingSample.from_segment(segment, advantage, self.renderer.image_pad_id))
         return samples
 
-    def record(self, step: int, traces: list[Trace], metrics: dict[str, Any]) -> None:
-        """The step's metrics, a few rollouts for the viewer, and the env's data position after the step."""
+    def record(self, step: int, traces: list[Trace], metrics: dict[str, Any], evals: Sequence[EvalResult] = ()) -> None:
+        """The step's metrics, a few rollouts (and eval rollouts) for the viewer, the env's data position."""
         self.run.append(self.run.metrics, json.dumps(metrics))
-        for trace in traces[:: max(1, len(traces) // 4)][:4]:
+        shown = [(t, t.rollout_id) for t in traces[:: max(1, len(traces) // 4)][:4]]
+        shown += [(t, f"eval v{e.weight_version} {t.rollout_id}") for e in evals for t in e.traces[:2]]
+        for trace, label in shown:
             turns, seen_images, seen_messages = [], 0, 0
             for node in trace.nodes:
                 text = self.tokenizer.decode(node.completion_ids, skip_special_tokens=True)
@@ -222,7 +235,7 @@ class Orchestrator:
                 user_text = user_text_of(trace.messages[seen_messages:node.num_messages])
                 turns.append(TurnRecord(user_text=user_text, images=new_images, completion=text))
                 seen_images, seen_messages = len(node.images), node.num_messages
-            self.run.append(self.run.rollouts, RolloutRecord(step, trace.rollout_id, trace.reward, turns).to_json())
+            self.run.append(self.run.rollouts, RolloutRecord(step, label, trace.reward, turns).to_json())
         if step in self.data_positions:
             (self.run.root / "checkpoints" / "data_position.json").write_text(
                 json.dumps({"step": step, "position": self.data_positions.pop(step)}))
@@ -268,7 +281,9 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
 async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress: Progress, task: Any) -> list[dict]:
     config = orch.config
     history = []
-    async with TrainClient(base_url) as client:
+    # Evaluation has its own client: the steps' request counters stay the rollouts' own.
+    async with TrainClient(base_url) as client, TrainClient(base_url) as eval_client:
+        evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training else []
         pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
             start = time.perf_counter()
@@ -303,7 +318,12 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
                        "request_bytes": request_bytes,
                        "pixel_values_bytes": pixel_values_nbytes(rows, orch.spec), "off_policy_lag": lag,
                        **step_metrics}
-            orch.record(step, traces, metrics)
+            if orch.eval_due(step):
+                evals.append(await orch.evaluate(eval_client, step + 1))
+            if evals:
+                metrics["evals"] = [e.as_dict() for e in evals]
+            orch.record(step, traces, metrics, evals)
+            evals = []
             history.append(metrics)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "
                                                          f"{metrics['reward_mean']:.2f} tok/s {metrics['tokens_per_s']:.0f}")

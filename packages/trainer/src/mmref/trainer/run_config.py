@@ -82,6 +82,21 @@ class TrainConfig(_Section):
     missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"
 
 
+class EvalConfig(_Section):
+    """Evaluation on held-out episodes: each played once, at ``temperature`` (0: greedy).
+
+    ``every``: after every that many steps and after the last (0: never); ``split``: the
+    dataset split (``eval``, or the ``train`` rows in file order); seeded environments without
+    splits play fixed episodes that training never draws.
+    """
+
+    every: int = Field(0, ge=0)
+    split: Literal["eval", "train"] = "eval"
+    num_examples: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    before_training: bool = False
+
+
 class InferenceConfig(_Section):
     """The inference server the rollouts call."""
 
@@ -102,6 +117,7 @@ class RunConfig(_Section):
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     inference: InferenceConfig = InferenceConfig()
 
 

@@ -104,9 +104,14 @@ class DatasetSource:
         """The next train row's episode."""
         return self._episode(self.train[self.order.next()])
 
-    def eval_episodes(self, limit: int | None = None) -> list[DatasetEpisode]:
-        """The eval rows' episodes in file order (the first ``limit``)."""
-        return [self._episode(i) for i in self.eval[:limit]]
+    def eval_episodes(self, limit: int | None = None, split: str = "eval") -> list[DatasetEpisode]:
+        """The first ``limit`` rows of the ``eval`` (held-out) or ``train`` split, in file order, as episodes."""
+        if split not in ("eval", "train"):
+            raise DatasetError(f"split must be 'eval' or 'train', got {split!r}")
+        rows = self.eval if split == "eval" else self.train
+        if not rows:
+            raise DatasetError(f"{self.config.path} holds no eval rows; set env.args.split_column or eval_fraction")
+        return [self._episode(i) for i in rows[:limit]]
 
     def state_dict(self) -> dict[str, int]:
         return self.order.state_dict()
