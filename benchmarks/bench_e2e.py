@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, draw_shape_image
+from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, color_codeword, draw_shape_image
 from mmref.renderers import ImageStore
 from mmref.renderers.contract import make_ref
 from mmref.renderers.layout import describe_image
@@ -59,12 +59,12 @@ class BareLoop:
     """GRPO on color-codeword in one process, pixels in memory, each group's prompt forwarded once."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.config, cfg = config, config.env
-        self.env = ColorCodewordConfig(colors=cfg.colors, turns=cfg.turns, min_side=cfg.min_side,
-                                       max_side=cfg.max_side, system_prompt=cfg.system_prompt)
+        self.config = config
+        source = color_codeword(**config.env.args)
+        self.env = source.config
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)
-        self.tokenizer, self.model, self.spec = build_policy(config, self.env.words)
+        self.tokenizer, self.model, self.spec = build_policy(config, source.vocabulary())
         self.processor = build_image_processor(self.spec)
         self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
         self.banned = sorted(image_token_ids_of(self.model))

@@ -2,6 +2,7 @@
 
 import base64
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -155,3 +156,38 @@ def test_a_refused_image_in_a_body_stores_none_of_it_before_it(tmp_path):
     with pytest.raises(ImageInputError, match="aspect ratio 250.0 > 200"):
         prepare_images(body, store, SPEC)
     assert list(_store_contents(root)) == [parse_ref(prepare_images(body[:1], store, SPEC)[0][0]["image_url"]["url"]).asset]
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    root = tmp_path / "dataset"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(root / "images" / "a.png")
+    (root / "images" / "notes.txt").write_text("not an image")
+    (tmp_path / "secret.png").write_bytes((root / "images" / "a.png").read_bytes())
+    return root
+
+
+def test_paths_under_the_image_root_are_read_by_the_client_as_the_same_bytes_a_data_url_gives(tmp_path, image_root):
+    store = ImageStore(tmp_path / "store")
+    body = [{"type": "image", "image": Path("images/a.png")},
+            {"type": "image_url", "image_url": {"url": "images/a.png"}}]
+    out, stats = prepare_images(body, store, SPEC, image_root=image_root)
+    same, _ = prepare_images([{"type": "image_url", "image_url": {"url": png_url()}}], store, SPEC)
+    assert out[0] == out[1] == same[0] and stats.images == 2
+
+
+@pytest.mark.parametrize("name, match", [
+    ("../secret.png", r"'\.\./secret\.png' leaves the image root"),
+    ("images/missing.png", r"cannot read image 'images/missing\.png'"),
+    ("images/notes.txt", r"is no PNG, JPEG, GIF or WebP image"),
+])
+def test_paths_that_leave_the_root_are_missing_or_no_image_are_refused(tmp_path, image_root, name, match):
+    with pytest.raises(ImageInputError, match=match):
+        prepare_images([{"type": "image", "image": name}], ImageStore(tmp_path / "store"), SPEC, image_root=image_root)
+    assert not list((tmp_path / "store").glob("*.png"))
+
+
+def test_a_path_without_an_image_root_is_refused(store):
+    with pytest.raises(ImageInputError, match="local path"):
+        prepare_images([{"type": "image", "image": "images/a.png"}], store, SPEC)

@@ -1,12 +1,20 @@
-"""Rollout loop: bridging with a full-render fallback, the concurrency limit, input order, n=1."""
+"""Rollout loop: bridging with a full-render fallback, the concurrency limit, input order, n=1, async
+environments, and groups dropped when their environment fails."""
 
 import asyncio
 from types import SimpleNamespace
 
 import pytest
 
-from mmref.client.errors import InferenceServerError
-from mmref.client.rollout import ResetCopies, run_group_rollout, run_group_rollouts, run_rollout, run_rollouts
+from mmref.client.errors import EnvFailedError, ImageInputError, InferenceServerError
+from mmref.client.rollout import (
+    ResetCopies,
+    play_groups,
+    run_group_rollout,
+    run_group_rollouts,
+    run_rollout,
+    run_rollouts,
+)
 from mmref.client.train_client import Sampling
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
@@ -169,3 +177,76 @@ def test_a_group_of_image_openings_shares_one_prompt_with_the_refs_a_member_alon
     alone = asyncio.run(run_rollout(ImageEnv(), renderer, FakeClient(renderer), store, sampling))
     assert client.ns == [4] and all(structure(t)[:3] == structure(alone)[:3] for t in group)
     assert group[0].nodes[0].images and group[0].nodes[0].images == alone.nodes[0].images
+
+
+class AsyncEnv(ScriptedEnv):
+    """ScriptedEnv's episode through async methods, recording ``close``."""
+
+    closed = 0
+
+    async def reset(self):
+        await asyncio.sleep(0)
+        return ScriptedEnv.reset(self)
+
+    async def step(self, completion_text, tool_calls):
+        return ScriptedEnv.step(self, completion_text)
+
+    async def close(self):
+        AsyncEnv.closed += 1
+
+
+def test_an_async_environment_plays_the_episode_a_sync_one_plays_and_is_closed_per_member(renderer, tmp_path):
+    store, sampling = ImageStore(tmp_path), Sampling(max_tokens=4)
+    AsyncEnv.closed = 0
+    played = asyncio.run(run_group_rollout(ResetCopies(AsyncEnv("a"), 3), renderer, FakeClient(renderer), store,
+                                           sampling, group_id="g"))
+    synced = asyncio.run(run_group_rollout(ResetCopies(ScriptedEnv("a"), 3), renderer, FakeClient(renderer), store,
+                                           sampling, group_id="g"))
+    assert [structure(t) for t in played] == [structure(t) for t in synced] and AsyncEnv.closed == 3
+
+
+class FailsOnTurn(ScriptedEnv):
+    def step(self, completion_text):
+        if self.name == "bad":
+            raise ZeroDivisionError("scoring broke")
+        return super().step(completion_text)
+
+
+def test_a_group_whose_environment_raises_is_dropped_and_counted_and_the_others_are_played(renderer, tmp_path):
+    groups = [ResetCopies(FailsOnTurn(name), 4) for name in ("a", "bad", "c")]
+    batch = asyncio.run(play_groups(groups, renderer, FakeClient(renderer), ImageStore(tmp_path),
+                                    Sampling(max_tokens=4), group_ids=["g0", "g1", "g2"]))
+    assert [[t.group_id for t in group] for group in batch.groups] == [["g0"] * 4, ["g2"] * 4]
+    assert [(d.group_id, d.size) for d in batch.dropped] == [("g1", 4)] and batch.rollouts_dropped == 4
+    assert isinstance(batch.dropped[0].error, EnvFailedError)
+    assert isinstance(batch.dropped[0].error.__cause__, ZeroDivisionError)
+    # strict callers still see the error
+    with pytest.raises(EnvFailedError, match=r"FailsOnTurn\.step\(\) raised ZeroDivisionError: scoring broke"):
+        asyncio.run(run_group_rollout(ResetCopies(FailsOnTurn("bad"), 2), renderer, FakeClient(renderer),
+                                      ImageStore(tmp_path), Sampling(max_tokens=4)))
+
+
+def test_a_group_whose_images_cannot_become_refs_is_dropped_but_a_server_error_still_raises(renderer, tmp_path):
+    class NoRoot(ScriptedEnv):
+        def reset(self):
+            return [{"role": "user", "content": [{"type": "image", "image": "img/missing.png"}]}]
+
+    batch = asyncio.run(play_groups([ResetCopies(NoRoot("x"), 2), ResetCopies(ScriptedEnv("y"), 2)], renderer,
+                                    FakeClient(renderer), ImageStore(tmp_path), Sampling(max_tokens=4)))
+    assert len(batch.groups) == 1 and isinstance(batch.dropped[0].error, ImageInputError)
+    with pytest.raises(InferenceServerError):
+        asyncio.run(play_groups([ResetCopies(ScriptedEnv("y"), 3)], renderer, FakeClient(renderer, short_by=1),
+                                ImageStore(tmp_path), Sampling(max_tokens=4)))
+
+
+def test_a_group_whose_environment_cannot_be_copied_is_dropped(renderer, tmp_path):
+    import threading
+
+    class Locked(ScriptedEnv):
+        def __init__(self, name):
+            super().__init__(name)
+            self.lock = threading.Lock()  # neither picklable nor deep-copyable
+
+    batch = asyncio.run(play_groups([ResetCopies(Locked("x"), 2), ResetCopies(ScriptedEnv("y"), 2)], renderer,
+                                    FakeClient(renderer), ImageStore(tmp_path), Sampling(max_tokens=4)))
+    assert len(batch.groups) == 1 and "cannot be copied" in str(batch.dropped[0].error)

@@ -9,6 +9,11 @@ Images from the environment become store refs first (``prepare_images``).
     group = await run_group_rollout(envs, renderer, client, store, sampling)   # GRPO: G copies of one prompt
     group = await run_group_rollout(ResetCopies(env, 8), renderer, client, store, sampling)  # one reset, copied
 
+Environments are sync or async (``mmref.client.environment``); one that raises fails its
+rollout with ``EnvFailedError``. ``play_groups`` drops such a group and reports it instead:
+
+    batch = await play_groups(groups, renderer, client, store, sampling)   # batch.groups, batch.dropped
+
 A group whose members open with equal messages samples its first turn as one ``n = G``
 request: one render, one HTTP call and one prompt prefill instead of G (on the learnability
 run, 32 requests a step instead of 256). Later turns run per member, as separate rollouts
@@ -25,9 +30,10 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
-from typing import Any, Protocol
+from typing import Any
 
-from mmref.client.errors import InferenceServerError
+from mmref.client.environment import Environment, close_env, describe, image_root_of, reset_env, step_env
+from mmref.client.errors import EnvFailedError, ImageInputError, InferenceServerError
 from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
 from mmref.client.train_client import Completion, Sampling, TrainClient
@@ -54,16 +60,6 @@ class RolloutClock:
             setattr(self, field, getattr(self, field) + time.perf_counter() - start)
 
 
-class Environment(Protocol):
-    """A multi-turn task. Messages are OpenAI-style; images may be data URLs or PIL images."""
-
-    def reset(self) -> list[dict[str, Any]]:
-        """The opening messages."""
-
-    def step(self, completion_text: str) -> tuple[list[dict[str, Any]], float, bool]:
-        """React to the model's answer: (new messages, reward so far, done)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ResetCopies:
     """A group of ``size`` episodes of one environment: ``env`` is reset once, then deep-copied per member.
@@ -77,11 +73,11 @@ class ResetCopies:
     env: Environment
     size: int
 
-    def reset(self) -> tuple[list[Environment], list[list[dict[str, Any]]]]:
+    async def reset(self) -> tuple[list[Environment], list[list[dict[str, Any]]]]:
         """The members (``env`` first, then copies) and their opening messages."""
         if self.size < 1:
             raise ValueError(f"a group needs at least one member, got size={self.size}")
-        opening = self.env.reset()
+        opening = await reset_env(self.env)
         return [self.env] + [_copy(self.env) for _ in range(self.size - 1)], [opening] * self.size
 
 
@@ -90,14 +86,18 @@ def _copy(env: Environment) -> Environment:
     try:
         return pickle.loads(pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL))
     except (pickle.PicklingError, TypeError, AttributeError):  # unpicklable state (locks, local classes)
-        return copy.deepcopy(env)
+        try:
+            return copy.deepcopy(env)
+        except Exception as exc:  # noqa: BLE001 - an env that cannot be copied fails its group, not the run
+            raise EnvFailedError(f"environment {describe(env)} cannot be copied for the members of its group: "
+                                 f"{type(exc).__name__}: {exc}") from exc
 
 
 async def run_rollout(env: Environment, renderer: Any, client: TrainClient, store: ImageStore, sampling: Sampling,
                       max_turns: int = 32, group_id: str | None = None) -> Trace:
     """Play one episode; every model call becomes a trace node."""
     _check_one_per_turn(sampling)
-    messages, _ = prepare_images(env.reset(), store, renderer.spec)
+    messages, _ = prepare_images(await reset_env(env), store, renderer.spec, image_root_of(env))
     return await _play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
                        group_id, nullcontext(), RolloutClock())
 
@@ -117,14 +117,14 @@ async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer:
     clock = clock if clock is not None else RolloutClock()
     with clock.timing("env_s"):
         if isinstance(envs, ResetCopies):
-            envs, openings = envs.reset()
+            envs, openings = await envs.reset()
         else:
-            openings = [env.reset() for env in envs]
+            openings = [await reset_env(env) for env in envs]
     with clock.timing("render_s"):
         if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare once, same refs
-            prepared = [prepare_images(openings[0], store, renderer.spec)[0]] * len(openings)
+            prepared = [prepare_images(openings[0], store, renderer.spec, image_root_of(envs[0]))[0]] * len(openings)
         else:
-            prepared = [prepare_images(o, store, renderer.spec)[0] for o in openings]
+            prepared = [prepare_images(o, store, renderer.spec, image_root_of(e))[0] for o, e in zip(openings, envs)]
         shared = max_turns >= 1 and len(prepared) > 1 and all(p == prepared[0] for p in prepared[1:])
         rendered = [renderer.render(prepared[0])] if shared else [renderer.render(m) for m in prepared]
     if shared:
@@ -140,7 +140,11 @@ async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer:
     else:
         plays = [_play(env, messages, tokens, None, renderer, client, store, sampling, max_turns, group_id, limit,
                        clock) for env, messages, tokens in zip(envs, prepared, rendered)]
-    return list(await asyncio.gather(*plays))
+    results = await asyncio.gather(*plays, return_exceptions=True)  # every member ends before an error propagates
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
+    return list(results)
 
 
 async def run_rollouts(envs: Sequence[Environment], renderer: Any, client: TrainClient, store: ImageStore,
@@ -168,6 +172,53 @@ async def run_group_rollouts(groups: Sequence[Sequence[Environment] | ResetCopie
                                                          clock) for envs, gid in zip(groups, ids))))
 
 
+@dataclasses.dataclass(frozen=True)
+class DroppedGroup:
+    """A group that was not played to the end because its environment failed."""
+
+    group_id: str | None
+    size: int        # rollouts lost with it
+    error: Exception  # EnvFailedError (its __cause__ is the environment's error) or ImageInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupBatch:
+    """What ``play_groups`` returns: the groups played, in input order, and the ones dropped."""
+
+    groups: list[list[Trace]]
+    dropped: list[DroppedGroup]
+
+    @property
+    def traces(self) -> list[Trace]:
+        return [trace for group in self.groups for trace in group]
+
+    @property
+    def rollouts_dropped(self) -> int:
+        return sum(d.size for d in self.dropped)
+
+
+async def play_groups(groups: Sequence[Sequence[Environment] | ResetCopies], renderer: Any, client: TrainClient,
+                      store: ImageStore, sampling: Sampling, concurrency: int = 64,
+                      group_ids: Sequence[str | None] | None = None, max_turns: int = 32,
+                      clock: RolloutClock | None = None) -> GroupBatch:
+    """``run_group_rollouts`` that drops a group whose environment failed, instead of raising.
+
+    A failure is an environment that raised (``EnvFailedError``) or images it sent that cannot
+    become refs (``ImageInputError``); errors of the server or the client itself still raise.
+    """
+    limit = asyncio.Semaphore(concurrency)
+    ids = list(group_ids) if group_ids is not None else [None] * len(groups)
+
+    async def one(envs: Sequence[Environment] | ResetCopies, gid: str | None) -> list[Trace] | DroppedGroup:
+        try:
+            return await run_group_rollout(envs, renderer, client, store, sampling, max_turns, gid, limit, clock)
+        except (EnvFailedError, ImageInputError) as exc:
+            return DroppedGroup(gid, envs.size if isinstance(envs, ResetCopies) else len(envs), exc)
+
+    results = await asyncio.gather(*(one(envs, gid) for envs, gid in zip(groups, ids)))
+    return GroupBatch([r for r in results if isinstance(r, list)], [r for r in results if isinstance(r, DroppedGroup)])
+
+
 def _check_one_per_turn(sampling: Sampling) -> None:
     if sampling.n != 1:
         raise ValueError("a rollout samples one completion per turn (n=1); run a group as n rollouts "
@@ -179,6 +230,17 @@ async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
                 sampling: Sampling, max_turns: int, group_id: str | None,
                 limit: AbstractAsyncContextManager, clock: RolloutClock) -> Trace:
     """The turn loop from the opening ``messages`` (rendered); ``first`` is turn one's completion if already sampled."""
+    try:
+        return await _turns(env, messages, rendered, first, renderer, client, store, sampling, max_turns, group_id,
+                            limit, clock)
+    finally:
+        await close_env(env)
+
+
+async def _turns(env: Environment, messages: list[dict[str, Any]], rendered: Any,
+                 first: tuple[Completion, int] | None, renderer: Any, client: TrainClient, store: ImageStore,
+                 sampling: Sampling, max_turns: int, group_id: str | None,
+                 limit: AbstractAsyncContextManager, clock: RolloutClock) -> Trace:
     nodes, turn_rewards, metrics = [], [], {"bridged_turns": 0.0, "full_renders": 1.0}
     for turn in range(max_turns):
         if turn == 0 and first is not None:
@@ -194,13 +256,13 @@ async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
         with clock.timing("render_s"):
             parsed = renderer.parse_response(completion.token_ids)
         with clock.timing("env_s"):
-            new_messages, reward, done = env.step(parsed.content)
+            new_messages, reward, done = await step_env(env, parsed)
         turn_rewards.append(float(reward))
         messages = messages + [{"role": "assistant", "content": parsed.content}]
         if done:
             break
         with clock.timing("render_s"):
-            new_messages, _ = prepare_images(new_messages, store, renderer.spec)
+            new_messages, _ = prepare_images(new_messages, store, renderer.spec, image_root_of(env))
             bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages,
                                                    rendered.images, prev=rendered)
             messages = messages + new_messages

@@ -61,6 +61,12 @@ def _sft(args: argparse.Namespace) -> int:
     return _run_with_config(args, "sft", run_sft)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from mmref.trainer.eval import run_eval
+
+    return _run_with_config(args, "eval", lambda config: run_eval(config, args.checkpoint))
+
+
 def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
     """Load the TOML config with the command line's overrides and run ``run(config)``; exit 2 on a bad config."""
     from mmref.renderers.errors import MMRefError
@@ -135,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     intercept.set_defaults(func=_intercept)
     for name, func, text in (
             ("rl", _rl, "run RL end to end (inference server, rollouts, training) from a TOML config"),
-            ("sft", _sft, "supervised warm start in processed mode (demonstrations from the environment)")):
+            ("sft", _sft, "supervised warm start in processed mode (demonstrations from the environment)"),
+            ("eval", _eval, "evaluate a checkpoint on the environment's held-out episodes ([eval])")):
         run = sub.add_parser(name, help=text)
         run.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")
         run.add_argument("--max-steps", type=int)
@@ -143,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--ablate-images", action="store_true", help="replace every image by a blank one (control run)")
         run.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override any config value, e.g. train.lr=1e-3")
+        if name == "eval":
+            run.add_argument("--checkpoint", help="checkpoint directory (default: model.path, else the initial weights)")
         run.set_defaults(func=func)
     train = sub.add_parser("train", help="run the trainer ranks under torchrun (micro-batches from a packer over ZMQ)")
     train.add_argument("config", help="job JSON (mmref.trainer.train.DistributedJob)")

@@ -61,11 +61,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def write_reward_curve(metrics: list[dict[str, Any]], path: Path, chance: float | None = None) -> Path:
-    """Plot mean reward per step (and chance level) to a PNG."""
+    """Plot mean reward per step, eval reward (``evals`` in a step's metrics) and chance level to a PNG."""
     steps = [m["step"] for m in metrics]
     rewards = [m["reward_mean"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, rewards, marker="o", markersize=3, label="mean reward")
+    evals = sorted((e["weight_version"], e["reward_mean"]) for m in metrics for e in m.get("evals", []))
+    if evals:  # at x = steps trained: the weights the rollouts of that step sample from
+        ax.plot(*zip(*evals), marker="s", markersize=4, label="eval reward")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", label=f"chance ({chance:.2f})")
     ax.set(xlabel="step", ylabel="reward", ylim=(-0.02, 1.02), title="mmref rl: reward per step")

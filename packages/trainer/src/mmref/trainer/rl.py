@@ -18,23 +18,28 @@ import json
 import os
 import random
 import time
+import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodewordConfig, ColorCodewordEnv
-from mmref.client.rollout import ResetCopies, RolloutClock, run_group_rollouts
+from mmref.client.environment import Vocabulary, vocabulary_of
+from mmref.client.errors import EnvFailedError
+from mmref.client.rollout import DroppedGroup, ResetCopies, RolloutClock, play_groups
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
-from mmref.renderers.tokenizer import tiny_tokenizer
 from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
+from mmref.trainer.environments import run_environment
+from mmref.trainer.evaluation import EvalResult, evaluate
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
@@ -47,11 +52,8 @@ from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTraine
 from mmref.trainer.run_config import ConfigError, RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer, frozen_copy
+from mmref.trainer.task_tokenizer import task_tokenizer
 from mmref.trainer.train import DistributedJob
-
-ROLE_WORDS = ("system", "user", "assistant", "codeword")
-RL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,9 @@ class RunDir:
             f.write(line + "\n")
 
 
-def build_policy(config: RunConfig, words: tuple[str, ...]):
-    """The tokenizer, the tiny model whose special ids match it, and the layout spec."""
-    # Only the characters the task's text uses: a ~60-token action space, so a random policy
-    # names the right colour often enough for GRPO groups to see any reward at all.
-    text = SYSTEM_PROMPT + QUESTION + "".join(words + ROLE_WORDS) + " \n"
-    tokenizer = tiny_tokenizer(tuple(words) + ROLE_WORDS, specials=RL_SPECIALS, alphabet="".join(sorted(set(text))))
+def build_policy(config: RunConfig, vocabulary: Vocabulary | None):
+    """The tokenizer (of the task's ``vocabulary``), the tiny model whose special ids match it, and the layout spec."""
+    tokenizer = task_tokenizer(vocabulary)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -114,13 +113,12 @@ class Orchestrator:
         self.config, self.console = config, console
         self.run = RunDir(run_dir)
         (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
-        env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns, min_side=config.env.min_side,
-                                         max_side=config.env.max_side, blank_images=config.env.ablate_images,
-                                         system_prompt=config.env.system_prompt)
-        self.env_config = env_config
+        self.env = run_environment(config)
+        self.data_positions: dict[int, dict] = {}  # step -> the env's data position after that step's draws
+        vocabulary = vocabulary_of(self.env)
         torch.manual_seed(config.seed)
-        self.tokenizer, self.policy, self.spec = build_policy(config, env_config.words)
-        _, serve_model, _ = build_policy(config, env_config.words)
+        self.tokenizer, self.policy, self.spec = build_policy(config, vocabulary)
+        _, serve_model, _ = build_policy(config, vocabulary)
         serve_model.load_state_dict(self.policy.state_dict())
         self.device = device = pick_device(config)
         self.store = ImageStore(run_dir / "store")
@@ -163,23 +161,59 @@ class Orchestrator:
 
     async def collect(self, client: TrainClient, step: int) -> tuple[list[Trace], int, dict[str, float]]:
         """One GRPO batch (``prompts_per_step`` episodes, each played ``group_size`` times), its request bytes
-        and where its seconds went (client env/render, engine sampling, the rest: HTTP and the server)."""
+        and where its seconds went (client env/render, engine sampling, the rest: HTTP and the server).
+
+        A group whose environment raised is dropped, logged and counted (``times["dropped"]``, rollouts);
+        a step whose every group failed raises ``EnvFailedError``.
+        """
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
-        # Seeded: one reset per group, deep-copied per member, plays what group_size same-seed envs would.
-        groups = [ResetCopies(ColorCodewordEnv(self.env_config, seed=seed), cfg.group_size) for seed in seeds]
+        # One reset per group, deep-copied per member: plays what group_size same-seed episodes would.
+        groups, ids, dropped = [], [], []
+        for prompt, seed in enumerate(seeds):
+            try:
+                groups.append(ResetCopies(self.env.episode(seed), cfg.group_size))
+                ids.append(f"s{step}-p{prompt}")
+            except EnvFailedError as exc:
+                dropped.append(DroppedGroup(f"s{step}-p{prompt}", cfg.group_size, exc))
+        if hasattr(self.env, "state_dict"):
+            self.data_positions[step] = self.env.state_dict()
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
         clock, generated, batches, start = RolloutClock(), engine.generate_s, engine.batches, time.perf_counter()
         # A group's members open alike (same seed): turn one is one n=group_size request per group.
-        traces = await run_group_rollouts(groups, self.renderer, client, self.store, sampling,
-                                          concurrency=cfg.concurrency,
-                                          group_ids=[f"s{step}-p{prompt}" for prompt in range(len(seeds))], clock=clock)
+        batch = await play_groups(groups, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
+                                  group_ids=ids, clock=clock)
+        dropped += batch.dropped
+        self.log_dropped(step, dropped)
+        if not batch.groups:
+            raise EnvFailedError(f"step {step}: every one of {len(seeds)} groups failed in the environment, so "
+                                 f"there is nothing to train on; the first error: {dropped[0].error}")
         wall, generate_s = time.perf_counter() - start, engine.generate_s - generated
         times = {"collect_s": wall, "env_s": clock.env_s, "render_s": clock.render_s, "generate_s": generate_s,
                  "http_server_s": wall - clock.env_s - clock.render_s - generate_s,
-                 "requests": client.requests - requests, "engine_batches": engine.batches - batches}
-        return [t for group in traces for t in group], client.bytes_sent - sent, times
+                 "requests": client.requests - requests, "engine_batches": engine.batches - batches,
+                 "dropped": sum(d.size for d in dropped)}
+        return batch.traces, client.bytes_sent - sent, times
+
+    def log_dropped(self, step: int, dropped: list[DroppedGroup]) -> None:
+        """Each dropped group on the console, with the environment's traceback in ``env_errors.log``."""
+        for group in dropped:
+            self.console.print(f"[yellow]step {step}: dropped group {group.group_id} ({group.size} rollouts): "
+                               f"{escape(str(group.error))}[/yellow]")
+            cause = group.error.__cause__ or group.error
+            lines = traceback.format_exception(type(cause), cause, cause.__traceback__)
+            self.run.append(self.run.root / "env_errors.log", f"step {step} group {group.group_id}: "
+                                                              f"{group.error}\n{''.join(lines)}")
+
+    async def evaluate(self, client: TrainClient, weight_version: int) -> EvalResult:
+        """``[eval]``'s held-out episodes on the weights the server holds now (``weight_version``)."""
+        return await evaluate(self.env, self.config, self.renderer, client, self.store, weight_version)
+
+    def eval_due(self, step: int) -> bool:
+        """Whether to evaluate after ``step``: every ``eval.every`` steps and after the last."""
+        every = self.config.eval.every
+        return every > 0 and ((step + 1) % every == 0 or step + 1 == self.config.max_steps)
 
     def samples(self, traces: list[Trace]) -> list[TrainingSample]:
         """Every trace's segments, with advantages normalized within its group (per turn under ``credit = "turn"``)."""
@@ -197,16 +231,37 @@ class Orchestrator:
                     samples.append(TrainingSample.from_segment(segment, advantage, self.renderer.image_pad_id))
         return samples
 
-    def record(self, step: int, traces: list[Trace], metrics: dict[str, Any]) -> None:
+    def record(self, step: int, traces: list[Trace], metrics: dict[str, Any], evals: Sequence[EvalResult] = ()) -> None:
+        """The step's metrics, a few rollouts (and eval rollouts) for the viewer, the env's data position."""
         self.run.append(self.run.metrics, json.dumps(metrics))
         self.loggers.log(metrics)
-        for trace in traces[:: max(1, len(traces) // 4)][:4]:
-            turns = []
+        shown = [(t, t.rollout_id) for t in traces[:: max(1, len(traces) // 4)][:4]]
+        shown += [(t, f"eval v{e.weight_version} {t.rollout_id}") for e in evals for t in e.traces[:2]]
+        for trace, label in shown:
+            turns, seen_images, seen_messages = [], 0, 0
             for node in trace.nodes:
                 text = self.tokenizer.decode(node.completion_ids, skip_special_tokens=True)
-                new_images = [s.ref.asset for s in node.images[len(turns):]]
-                turns.append(TurnRecord(user_text="codeword?", images=new_images, completion=text))
-            self.run.append(self.run.rollouts, RolloutRecord(step, trace.rollout_id, trace.reward, turns).to_json())
+                new_images = [s.ref.asset for s in node.images[seen_images:]]
+                user_text = user_text_of(trace.messages[seen_messages:node.num_messages])
+                turns.append(TurnRecord(user_text=user_text, images=new_images, completion=text))
+                seen_images, seen_messages = len(node.images), node.num_messages
+            self.run.append(self.run.rollouts, RolloutRecord(step, label, trace.reward, turns).to_json())
+        if step in self.data_positions:
+            (self.run.root / "checkpoints" / "data_position.json").write_text(
+                json.dumps({"step": step, "position": self.data_positions.pop(step)}))
+
+
+def user_text_of(messages: list[dict[str, Any]]) -> str:
+    """The text the user (the environment) said in ``messages``: string contents and text parts."""
+    texts = []
+    for message in messages:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or []
+                                                             if isinstance(p, dict) and p.get("type") == "text"]
+        texts.extend(p for p in parts if p)
+    return "\n".join(texts)
 
 
 
@@ -247,7 +302,11 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
 async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress: Progress, task: Any) -> list[dict]:
     config = orch.config
     history = []
-    async with TrainClient(base_url, max_connections=config.rollout.concurrency) as client:
+    # Evaluation has its own client: the steps' request counters stay the rollouts' own.
+    connections = config.rollout.concurrency
+    async with TrainClient(base_url, max_connections=connections) as client, \
+            TrainClient(base_url, max_connections=connections) as eval_client:
+        evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training else []
         pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
             start = time.perf_counter()
@@ -271,8 +330,9 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
             rewards = [t.reward for t in traces]
             tokens = sum(len(n.completion_ids) for t in traces for n in t.nodes)
             wall = time.perf_counter() - start
+            dropped = rollout_times.pop("dropped")
             metrics = {"step": step, "reward_mean": sum(rewards) / len(rewards), "reward_by_turn": reward_by_turn(traces),
-                       "rollouts": len(traces),
+                       "rollouts": len(traces), "rollouts_dropped": dropped,
                        "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
                        "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
                        "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,
@@ -281,7 +341,12 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
                        "request_bytes": request_bytes,
                        "pixel_values_bytes": pixel_values_nbytes(rows, orch.spec), "off_policy_lag": lag,
                        **step_metrics}
-            orch.record(step, traces, metrics)
+            if orch.eval_due(step):
+                evals.append(await orch.evaluate(eval_client, step + 1))
+            if evals:
+                metrics["evals"] = [e.as_dict() for e in evals]
+            orch.record(step, traces, metrics, evals)
+            evals = []
             history.append(metrics)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "
                                                          f"{metrics['reward_mean']:.2f} tok/s {metrics['tokens_per_s']:.0f}")
@@ -305,7 +370,7 @@ def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
             history = asyncio.run(_loop(orch, url, progress, task))
         finally:
             orch.loggers.close()
-    write_reward_curve(history, run_dir / "reward.png", chance=orch.env_config.chance)
+    write_reward_curve(history, run_dir / "reward.png", chance=getattr(orch.env, "chance", None))
     write_viewer(run_dir, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(run_dir / "rollouts.jsonl")])
     summary = RunSummary(run_dir, len(history), history[-1]["reward_mean"],
                          sum(m["reward_mean"] for m in history[-5:]) / len(history[-5:]), time.perf_counter() - start)

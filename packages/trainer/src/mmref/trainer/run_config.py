@@ -42,14 +42,14 @@ class ModelConfig(_Section):
 
 
 class EnvConfig(_Section):
-    """The environment and its parameters (see ``mmref.client.envs.color_codeword``)."""
+    """The environment: a built-in name, ``package.module:factory`` or an entry point in ``mmref.environments``.
 
-    name: Literal["color-codeword"] = "color-codeword"
-    colors: int = Field(4, ge=2, le=6)
-    turns: int = Field(2, ge=1)
-    min_side: int = Field(40, ge=8)
-    max_side: int = Field(96, ge=8)
-    system_prompt: bool = True  # False: a shorter prompt, so image tokens are a larger share of it
+    ``[env.args]`` go to its factory as keyword arguments (see ``mmref.client.envs.loader``);
+    ``ablate_images`` asks the factory for ``blank_images=True`` (same-size blank images).
+    """
+
+    name: str = Field("color-codeword", min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
     ablate_images: bool = False
 
 
@@ -93,6 +93,21 @@ class TrainConfig(_Section):
     missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"
 
 
+class EvalConfig(_Section):
+    """Evaluation on held-out episodes: each played once, at ``temperature`` (0: greedy).
+
+    ``every``: after every that many steps and after the last (0: never); ``split``: the
+    dataset split (``eval``, or the ``train`` rows in file order); seeded environments without
+    splits play fixed episodes that training never draws.
+    """
+
+    every: int = Field(0, ge=0)
+    split: Literal["eval", "train"] = "eval"
+    num_examples: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    before_training: bool = False
+
+
 class InferenceConfig(_Section):
     """The inference server the rollouts call."""
 
@@ -123,6 +138,7 @@ class RunConfig(_Section):
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     inference: InferenceConfig = InferenceConfig()
     log: LogConfig = LogConfig()
 

@@ -1,7 +1,8 @@
 """``mmref sft``: a supervised warm start in processed mode, loadable by ``mmref rl`` (``model.path``).
 
-Demonstrations come from the environment itself: each episode is played with the right
-answer every turn. Conversations are rendered with their pixels (``render_processed``: the
+Demonstrations come from the run's environment (``[env]``, loaded as ``mmref rl`` loads it):
+each episode is played with the right answer every turn, which its episodes give as
+``answer()`` (color-codeword's codeword, the dataset environment's answer column). Conversations are rendered with their pixels (``render_processed``: the
 real image processor, in this process) and the model is trained with cross-entropy on the
 assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``.
 
@@ -11,6 +12,7 @@ assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -19,25 +21,31 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from mmref.client.envs.color_codeword import ColorCodewordConfig, ColorCodewordEnv
+from mmref.client.environment import Environment, image_root_of, reset_env, step_env, vocabulary_of
+from mmref.client.errors import EnvLoadError
 from mmref.client.images import prepare_images
 from mmref.renderers import ImageStore
 from mmref.renderers.processed import render_processed
 from mmref.renderers.render import create_renderer
+from mmref.renderers.render.base import ParsedResponse
 from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.environments import run_environment
 from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.models import build_image_processor
 from mmref.trainer.rl import build_policy
 from mmref.trainer.run_config import RunConfig
 
 
-def demonstration(env: ColorCodewordEnv) -> list[dict[str, Any]]:
-    """One episode answered right at every turn, as chat messages."""
-    messages = env.reset()
+async def demonstration(env: Environment) -> list[dict[str, Any]]:
+    """One episode answered right (``env.answer()``) at every turn, as chat messages."""
+    if not callable(getattr(env, "answer", None)):
+        raise EnvLoadError(f"mmref sft needs episodes that know the right reply: {type(env).__name__} has no "
+                           "answer() method")
+    messages = await reset_env(env)
     done = False
     while not done:
-        answer = env.targets[-1]
-        new, _, done = env.step(answer)
+        answer = str(env.answer())
+        new, _, done = await step_env(env, ParsedResponse(answer))
         messages = messages + [{"role": "assistant", "content": answer}] + new
     return messages
 
@@ -53,10 +61,9 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     """Train ``config.max_steps`` steps of ``config.rollout.prompts_per_step`` demonstrations; return the checkpoint."""
     console = console or Console()
     run_dir = Path(config.output_dir)
-    env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns, min_side=config.env.min_side,
-                                     max_side=config.env.max_side, system_prompt=config.env.system_prompt)
+    source = run_environment(config)
     torch.manual_seed(config.seed)
-    tokenizer, model, spec = build_policy(config, env_config.words)
+    tokenizer, model, spec = build_policy(config, vocabulary_of(source))
     renderer = create_renderer(tokenizer, config.model.family, spec=spec)
     store, processor = ImageStore(run_dir / "store"), build_image_processor(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
@@ -69,8 +76,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     for step in range(config.max_steps):
         start, losses = time.perf_counter(), []
         for episode in range(config.rollout.prompts_per_step):
-            messages, _ = prepare_images(demonstration(ColorCodewordEnv(env_config, seed=step * 10_000 + episode)),
-                                         store, spec)
+            env = source.episode(step * 10_000 + episode)
+            messages, _ = prepare_images(asyncio.run(demonstration(env)), store, spec, image_root_of(env))
             processed = render_processed(renderer, messages, store, add_generation_prompt=False,
                                          image_processor=processor)
             ids = torch.tensor([processed.tokens.token_ids])

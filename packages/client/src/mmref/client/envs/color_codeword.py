@@ -10,6 +10,9 @@ is replaced by a blank one of the same size, so the best policy falls to chance.
     >>> env = ColorCodewordEnv(ColorCodewordConfig(turns=2), seed=3)
     >>> messages = env.reset()                  # [system, user(image + question)]
     >>> new, reward, done = env.step("red")     # next user turn, running reward, done flag
+
+As a plug-in (``env.name = "color-codeword"``, ``[env.args]`` are ``ColorCodewordConfig``'s
+fields): ``color_codeword(**args)`` is the source of a run's episodes, one per seed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from mmref.client.environment import Vocabulary
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -137,6 +142,10 @@ class ColorCodewordEnv:
         done = len(self._answers) == self.config.turns
         return ([] if done else [self._turn_message()]), self.reward, done
 
+    def answer(self) -> str:
+        """The right reply to the current turn (its codeword): what ``mmref sft`` demonstrates."""
+        return self.targets[-1]
+
     @property
     def reward(self) -> float:
         """Fraction of all turns answered right so far (unanswered turns count as wrong)."""
@@ -152,3 +161,26 @@ class ColorCodewordEnv:
             {"type": "image_url", "image_url": {"url": png_data_url(image)}},
             {"type": "text", "text": QUESTION},
         ]}
+
+
+@dataclass(frozen=True)
+class ColorCodewordSource:
+    """The episodes of a run: ``episode(seed)`` plays what ``ColorCodewordEnv(config, seed)`` plays."""
+
+    config: ColorCodewordConfig
+
+    def episode(self, seed: int) -> ColorCodewordEnv:
+        return ColorCodewordEnv(self.config, seed=seed)
+
+    def vocabulary(self) -> Vocabulary:
+        """The codewords as answer tokens, the question word, and the prompt's characters."""
+        return Vocabulary(words=self.config.words, prompt_words=(QUESTION.rstrip("?"),), text=SYSTEM_PROMPT + QUESTION)
+
+    @property
+    def chance(self) -> float:
+        return self.config.chance
+
+
+def color_codeword(**options: Any) -> ColorCodewordSource:
+    """The ``color-codeword`` built-in: ``options`` are ``ColorCodewordConfig`` fields."""
+    return ColorCodewordSource(ColorCodewordConfig(**options))

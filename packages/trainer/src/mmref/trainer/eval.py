@@ -1,0 +1,49 @@
+"""``mmref eval``: a checkpoint on the run's held-out episodes (``[eval]``), without training.
+
+    uv run mmref eval examples/shapes-dataset.toml --checkpoint runs/shapes-dataset/checkpoints/latest
+
+Serves the checkpoint as ``mmref rl`` does, plays ``eval.num_examples`` episodes of
+``eval.split`` once each at ``eval.temperature`` and writes ``<output_dir>/eval/eval.json``
+(the result) and its viewer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from mmref.client.train_client import TrainClient
+from mmref.trainer.checkpoint import read_checkpoint_meta
+from mmref.trainer.evaluation import EvalResult
+from mmref.trainer.inference.server import create_app
+from mmref.trainer.inference.threaded import serve_in_thread
+from mmref.trainer.report import RolloutRecord, read_jsonl, write_viewer
+from mmref.trainer.rl import Orchestrator
+from mmref.trainer.run_config import RunConfig
+
+
+def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None = None) -> EvalResult:
+    """Evaluate ``checkpoint`` (None: the config's own ``model.path``, or the initial weights)."""
+    console = console or Console()
+    if checkpoint is not None:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
+    version = int(read_checkpoint_meta(config.model.path)["weight_version"]) if config.model.path else 0
+    out = Path(config.output_dir) / "eval"
+    orch = Orchestrator(config, out, console)
+    with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url:
+        result = asyncio.run(_evaluate(orch, url, version))
+    orch.record(0, [], {"step": 0, "evals": [result.as_dict()]}, [result])
+    write_viewer(out, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(out / "rollouts.jsonl")])
+    (out / "eval.json").write_text(json.dumps(result.as_dict()))
+    console.print(f"mmref eval: weight version {version}: reward {result.reward_mean:.3f} over {result.rollouts} "
+                  f"{config.eval.split} episodes (temperature {result.temperature}, "
+                  f"{result.rollouts_dropped} dropped)   {out / 'eval.json'}")
+    return result
+
+
+async def _evaluate(orch: Orchestrator, url: str, version: int) -> EvalResult:
+    async with TrainClient(url) as client:
+        return await orch.evaluate(client, version)
