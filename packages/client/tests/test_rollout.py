@@ -2,6 +2,7 @@
 environments, and groups dropped when their environment fails."""
 
 import asyncio
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -29,11 +30,12 @@ def renderer():
 
 
 class FakeClient:
-    """Answers every prompt with "ok" + <|im_end|>; records prompts and the peak of concurrent calls."""
+    """Answers "ok" + <|im_end|> (or cycles through ``answers``); records prompts, n and peak concurrency."""
 
-    def __init__(self, renderer, delay_s: float = 0.0, short_by: int = 0) -> None:
+    def __init__(self, renderer, delay_s: float = 0.0, short_by: int = 0, answers=("ok",)) -> None:
         tokenizer = renderer.tokenizer
-        self.answer = tokenizer.encode("ok") + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.answers = [tokenizer.encode(a) + [end] for a in answers]  # completion i of a request: answers[i % len]
         self.delay_s, self.prompts, self.active, self.peak, self.ns = delay_s, [], 0, 0, []
         self.short_by = short_by  # answer this many completions fewer than asked (a faulty server)
 
@@ -44,8 +46,9 @@ class FakeClient:
         self.active -= 1
         self.prompts.append(list(rendered.token_ids))
         self.ns.append(sampling.n)
-        completions = [SimpleNamespace(token_ids=self.answer, logprobs=[-0.1 * (i + 1)] * len(self.answer),
-                                       finish_reason="stop") for i in range(sampling.n - self.short_by)]
+        answers = [self.answers[i % len(self.answers)] for i in range(sampling.n - self.short_by)]
+        completions = [SimpleNamespace(token_ids=a, logprobs=[-0.1 * (i + 1)] * len(a), finish_reason="stop")
+                       for i, a in enumerate(answers)]
         return SimpleNamespace(completions=completions, weight_version=0)
 
 
@@ -101,19 +104,30 @@ def structure(trace):
               n.temperature) for n in trace.nodes], trace.messages, trace.reward, trace.metrics, trace.group_id)
 
 
-def test_a_group_with_equal_openings_samples_turn_one_as_one_n_request_and_matches_separate_rollouts(renderer,
-                                                                                                   tmp_path):
+def test_a_group_with_equal_prompts_asks_once_per_turn_and_matches_separate_rollouts(renderer, tmp_path):
     store, sampling = ImageStore(tmp_path), Sampling(max_tokens=4, temperature=0.7)
     client = FakeClient(renderer)
     group = asyncio.run(run_group_rollout([ScriptedEnv("a", inject_assistant=True) for _ in range(4)], renderer, client,
                                           store, sampling, group_id="g"))
-    assert client.ns == [4] + [1] * 8  # turn one for all 4 members at once; turns two and three per member
+    assert client.ns == [4, 4, 4]  # every member answered alike: each turn is one request for all 4
     alone = [asyncio.run(run_rollout(ScriptedEnv("a", inject_assistant=True), renderer, FakeClient(renderer), store,
                                      sampling, group_id="g")) for _ in range(4)]
     assert [structure(t) for t in group] == [structure(t) for t in alone]
     # member i keeps completion i of the group request: its logprobs, not a copy of the first
     assert [t.nodes[0].completion_logprobs[0] for t in group] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
     assert len({t.rollout_id for t in group}) == 4
+
+
+def test_members_ask_together_exactly_while_their_prompts_are_equal(renderer, tmp_path):
+    client = FakeClient(renderer, answers=["ok", "no", "no"])
+    group = asyncio.run(run_group_rollout([ScriptedEnv("a") for _ in range(6)], renderer, client,
+                                          ImageStore(tmp_path), Sampling(max_tokens=4)))
+    assert sum(client.ns) == 6 * 3 and client.ns[0] == 6  # every member's three turns, turn one as one request
+    second = Counter(tuple(t.nodes[1].prompt_ids) for t in group)
+    assert sorted(client.ns[1:1 + len(second)]) == sorted(second.values()) and len(second) == 2
+    for trace in group:  # every prompt is what a full render of that member's own conversation gives
+        for node in trace.nodes:
+            assert node.prompt_ids == renderer.render(trace.messages[: node.num_messages]).token_ids
 
 
 def test_a_group_with_different_openings_plays_each_member_alone(renderer, tmp_path):

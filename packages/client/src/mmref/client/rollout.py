@@ -14,10 +14,11 @@ rollout with ``EnvFailedError``. ``play_groups`` drops such a group and reports 
 
     batch = await play_groups(groups, renderer, client, store, sampling)   # batch.groups, batch.dropped
 
-A group whose members open with equal messages samples its first turn as one ``n = G``
-request: one render, one HTTP call and one prompt prefill instead of G (on the learnability
-run, 32 requests a step instead of 256). Later turns run per member, as separate rollouts
-would; the traces are the same as G ``run_rollout`` calls would make.
+Members of a group whose prompts are equal (token ids and images) at a turn ask for them as
+one ``n = k`` request (``GroupRequests``): one HTTP call and one prompt prefill instead of k.
+Turn one of same-seed members is one ``n = G`` request (on the learnability run, 32 requests
+a step instead of 256); on color-codeword, members that gave the same answer share turn two.
+The traces are the same as G ``run_rollout`` calls would make.
 """
 
 from __future__ import annotations
@@ -98,19 +99,20 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
     """Play one episode; every model call becomes a trace node."""
     _check_one_per_turn(sampling)
     messages, _ = prepare_images(await reset_env(env), store, renderer.spec, image_root_of(env))
-    return await _play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
-                       group_id, nullcontext(), RolloutClock())
+    requests = GroupRequests(1, client, sampling, nullcontext(), group_id)
+    return await _play(env, messages, renderer.render(messages), requests, renderer, store, max_turns, group_id,
+                       RolloutClock())
 
 
 async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer: Any, client: TrainClient,
                             store: ImageStore, sampling: Sampling, max_turns: int = 32, group_id: str | None = None,
                             limit: AbstractAsyncContextManager | None = None,
                             clock: RolloutClock | None = None) -> list[Trace]:
-    """Play a group of episodes; if every member opens with the same messages, turn one is one ``n = G`` request.
+    """Play a group of episodes; members with equal prompts at a turn share one ``n = k`` request.
 
-    Members whose openings differ play as separate rollouts. ``envs`` may be ``ResetCopies``
-    (one reset, copied). ``limit`` (a semaphore) is held around each request to the server;
-    ``clock`` collects the client-side seconds. Results are in member order.
+    ``envs`` may be ``ResetCopies`` (one reset, copied). ``limit`` (a semaphore) is held around
+    each request to the server; ``clock`` collects the client-side seconds. Results are in
+    member order.
     """
     _check_one_per_turn(sampling)
     limit = limit if limit is not None else nullcontext()
@@ -121,30 +123,75 @@ async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer:
         else:
             openings = [await reset_env(env) for env in envs]
     with clock.timing("render_s"):
-        if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare once, same refs
+        if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare and render once
             prepared = [prepare_images(openings[0], store, renderer.spec, image_root_of(envs[0]))[0]] * len(openings)
+            rendered = [renderer.render(prepared[0])] * len(openings)
         else:
             prepared = [prepare_images(o, store, renderer.spec, image_root_of(e))[0] for o, e in zip(openings, envs)]
-        shared = max_turns >= 1 and len(prepared) > 1 and all(p == prepared[0] for p in prepared[1:])
-        rendered = [renderer.render(prepared[0])] if shared else [renderer.render(m) for m in prepared]
-    if shared:
-        rendered = rendered[0]
-        async with limit:
-            result = await client.generate(rendered, dataclasses.replace(sampling, n=len(envs)))
-        if len(result.completions) != len(envs):
-            raise InferenceServerError(f"asked for n={len(envs)} completions of group {group_id!r}'s shared prompt, "
-                                       f"got {len(result.completions)}")
-        firsts = [(c, result.weight_version) for c in result.completions]
-        plays = [_play(env, list(prepared[0]), rendered, first, renderer, client, store, sampling, max_turns,
-                       group_id, limit, clock) for env, first in zip(envs, firsts)]
-    else:
-        plays = [_play(env, messages, tokens, None, renderer, client, store, sampling, max_turns, group_id, limit,
-                       clock) for env, messages, tokens in zip(envs, prepared, rendered)]
+            rendered = [renderer.render(m) for m in prepared]
+    requests = GroupRequests(len(envs), client, sampling, limit, group_id)
+    plays = [_play(env, list(messages), tokens, requests, renderer, store, max_turns, group_id, clock)
+             for env, messages, tokens in zip(envs, prepared, rendered)]
     results = await asyncio.gather(*plays, return_exceptions=True)  # every member ends before an error propagates
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         raise failed[0]
     return list(results)
+
+
+class GroupRequests:
+    """Where a group's members ask for their next completion: equal prompts become one ``n = k`` request.
+
+    A turn's requests go out once every member still playing has asked or finished (members
+    wait for each other at each turn), each distinct prompt (token ids and image slots) as one
+    request whose ``k`` completions are dealt to its askers in order. Independent draws from
+    one distribution: the same as ``k`` requests of ``n = 1``, for one HTTP call and one prefill.
+    """
+
+    def __init__(self, size: int, client: TrainClient, sampling: Sampling, limit: AbstractAsyncContextManager,
+                 group_id: str | None = None) -> None:
+        self.playing, self.client, self.sampling, self.limit, self.group_id = size, client, sampling, limit, group_id
+        self.asked: dict[tuple, list[tuple[Any, asyncio.Future]]] = {}
+        self.sent: set[asyncio.Task] = set()
+
+    async def generate(self, rendered: Any) -> tuple[Completion, int]:
+        """This member's completion of ``rendered`` and the weight version that sampled it."""
+        future = asyncio.get_running_loop().create_future()
+        key = (tuple(rendered.token_ids), tuple((s.offset, s.ref.encode()) for s in rendered.images))
+        self.asked.setdefault(key, []).append((rendered, future))
+        self._flush_when_all_asked()
+        return await future
+
+    def leave(self) -> None:
+        """A member finished (done, or failed): the others no longer wait for it."""
+        self.playing -= 1
+        self._flush_when_all_asked()
+
+    def _flush_when_all_asked(self) -> None:
+        if not self.asked or sum(map(len, self.asked.values())) < self.playing:
+            return
+        asked, self.asked = self.asked, {}
+        for askers in asked.values():
+            task = asyncio.ensure_future(self._send(askers))
+            self.sent.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self.sent.discard)
+
+    async def _send(self, askers: list[tuple[Any, asyncio.Future]]) -> None:
+        rendered, n = askers[0][0], len(askers)
+        try:
+            async with self.limit:
+                result = await self.client.generate(rendered, dataclasses.replace(self.sampling, n=n))
+            if len(result.completions) != n:
+                raise InferenceServerError(f"asked for n={n} completions of group {self.group_id!r}'s shared prompt, "
+                                           f"got {len(result.completions)}")
+        except BaseException as exc:  # every asker gets the error
+            for _, future in askers:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), completion in zip(askers, result.completions):
+            if not future.done():
+                future.set_result((completion, result.weight_version))
 
 
 async def run_rollouts(envs: Sequence[Environment], renderer: Any, client: TrainClient, store: ImageStore,
@@ -225,34 +272,25 @@ def _check_one_per_turn(sampling: Sampling) -> None:
                          "or as run_group_rollout")
 
 
-async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any,
-                first: tuple[Completion, int] | None, renderer: Any, client: TrainClient, store: ImageStore,
-                sampling: Sampling, max_turns: int, group_id: str | None,
-                limit: AbstractAsyncContextManager, clock: RolloutClock) -> Trace:
-    """The turn loop from the opening ``messages`` (rendered); ``first`` is turn one's completion if already sampled."""
+async def _play(env: Environment, messages: list[dict[str, Any]], rendered: Any, requests: GroupRequests,
+                renderer: Any, store: ImageStore, max_turns: int, group_id: str | None, clock: RolloutClock) -> Trace:
+    """The turn loop from the opening ``messages`` (rendered), asking ``requests`` for each completion."""
     try:
-        return await _turns(env, messages, rendered, first, renderer, client, store, sampling, max_turns, group_id,
-                            limit, clock)
+        return await _turns(env, messages, rendered, requests, renderer, store, max_turns, group_id, clock)
     finally:
+        requests.leave()
         await close_env(env)
 
 
-async def _turns(env: Environment, messages: list[dict[str, Any]], rendered: Any,
-                 first: tuple[Completion, int] | None, renderer: Any, client: TrainClient, store: ImageStore,
-                 sampling: Sampling, max_turns: int, group_id: str | None,
-                 limit: AbstractAsyncContextManager, clock: RolloutClock) -> Trace:
+async def _turns(env: Environment, messages: list[dict[str, Any]], rendered: Any, requests: GroupRequests,
+                 renderer: Any, store: ImageStore, max_turns: int, group_id: str | None, clock: RolloutClock) -> Trace:
     nodes, turn_rewards, metrics = [], [], {"bridged_turns": 0.0, "full_renders": 1.0}
     for turn in range(max_turns):
-        if turn == 0 and first is not None:
-            completion, weight_version = first
-        else:
-            async with limit:
-                result = await client.generate(rendered, sampling)
-            completion, weight_version = result.completions[0], result.weight_version
+        completion, weight_version = await requests.generate(rendered)
         nodes.append(TraceNode(prompt_ids=rendered.token_ids, completion_ids=completion.token_ids,
                                completion_logprobs=completion.logprobs, images=rendered.images,
                                num_messages=len(messages), finish_reason=completion.finish_reason,
-                               weight_version=weight_version, temperature=sampling.temperature))
+                               weight_version=weight_version, temperature=requests.sampling.temperature))
         with clock.timing("render_s"):
             parsed = renderer.parse_response(completion.token_ids)
         with clock.timing("env_s"):
