@@ -14,6 +14,7 @@ checkpoints, the store, trainer.log (the ranks' output), the reward curve and th
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import random
@@ -31,26 +32,28 @@ from mmref.client.envs.color_codeword import QUESTION, SYSTEM_PROMPT, ColorCodew
 from mmref.client.rollout import ResetCopies, RolloutClock, run_group_rollouts
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
-from mmref.renderers import ImageStore, layout_spec
+from mmref.renderers import ImageStore
 from mmref.renderers.render import create_renderer
 from mmref.renderers.tokenizer import tiny_tokenizer
-from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.inference.serving import ServedModel
-from mmref.trainer.models import TinySize, build_image_processor, build_tiny_model, image_token_ids_of, processor_spec
+from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
+from mmref.trainer.policy import Policy, load_policy
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages
 from mmref.trainer.step import PolicyTrainer
+from mmref.trainer.tiny_dir import write_tiny_model_dir
 from mmref.trainer.train import DistributedJob
 
 ROLE_WORDS = ("system", "user", "assistant", "codeword")
 RL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+TASK_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}  # the tiny default's images: small, CPU-fast
 
 
 @dataclass(frozen=True)
@@ -81,23 +84,22 @@ class RunDir:
             f.write(line + "\n")
 
 
-def build_policy(config: RunConfig, words: tuple[str, ...]):
-    """The tokenizer, the tiny model whose special ids match it, and the layout spec."""
+def build_policy(config: RunConfig, words: tuple[str, ...]) -> Policy:
+    """The run's model directory loaded: ``model.path``, else the tiny default written into the run directory."""
+    path = config.model.path or write_task_model_dir(config, words)
+    return load_policy(path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
+
+
+def write_task_model_dir(config: RunConfig, words: tuple[str, ...]) -> Path:
+    """``<output_dir>/model``: the tiny ``model.family`` model with a tokenizer of only the task's text."""
     # Only the characters the task's text uses: a ~60-token action space, so a random policy
     # names the right colour often enough for GRPO groups to see any reward at all.
     text = SYSTEM_PROMPT + QUESTION + "".join(words + ROLE_WORDS) + " \n"
     tokenizer = tiny_tokenizer(tuple(words) + ROLE_WORDS, specials=RL_SPECIALS, alphabet="".join(sorted(set(text))))
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     size = TinySize(hidden_size=config.model.hidden_size, num_layers=config.model.num_layers,
                     vision_depth=config.model.vision_depth)
-    model = build_tiny_model(config.model.family, seed=config.model.seed, vocab_size=len(tokenizer), size=size,
-                             token_ids=ids)
-    if config.model.path:  # a warm start (e.g. from `mmref sft`) of this same architecture
-        load_weights_into(model, config.model.path)
-    spec = layout_spec(config.model.family, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
-    return tokenizer, model, spec
+    return write_tiny_model_dir(config.model.family, Path(config.output_dir) / "model", tokenizer=tokenizer,
+                                seed=config.model.seed, size=size, **TASK_PIXELS)
 
 
 def pick_device(config: RunConfig) -> str:
@@ -118,19 +120,19 @@ class Orchestrator:
                                          system_prompt=config.env.system_prompt)
         self.env_config = env_config
         torch.manual_seed(config.seed)
-        self.tokenizer, self.policy, self.spec = build_policy(config, env_config.words)
-        _, serve_model, _ = build_policy(config, env_config.words)
-        serve_model.load_state_dict(self.policy.state_dict())
+        loaded = build_policy(config, env_config.words)
+        self.model_dir, self.family = loaded.path, loaded.family
+        self.tokenizer, self.policy = loaded.tokenizer, loaded.model
+        self.spec, self.processor = loaded.spec, loaded.processor
+        serve_model = copy.deepcopy(self.policy)
         self.device = device = pick_device(config)
         self.store = ImageStore(run_dir / "store")
-        self.processor = build_image_processor(self.spec)
-        self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
+        self.renderer = create_renderer(self.tokenizer, self.family, spec=self.spec)
         banned = image_token_ids_of(self.policy)
         engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
                                     pad_token_id=self.renderer.stop_token_ids[0], device=device)
-        self.served = ServedModel(f"tiny-{config.model.family}", config.model.family,
-                                  processor_spec(config.model.family, self.processor), self.processor, engine,
-                                  self.renderer.image_pad_id)
+        self.served = ServedModel(config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
+                                  engine, self.renderer.image_pad_id)
         self.rng = random.Random(config.seed)
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
@@ -140,13 +142,12 @@ class Orchestrator:
             trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
                                     processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy))
-            return InProcessTrainer(trainer, checkpoints / "latest", config.model.family, inference_url)
-        initial = save_checkpoint(self.policy, checkpoints / "initial", config.model.family, weight_version=0)
+            return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url)
         timeout = config.train.rank_timeout_s
         job = DistributedJob(
-            family=config.model.family, store_root=str(self.store.root), pub_address="", ready_address="",
+            family=self.family, store_root=str(self.store.root), pub_address="", ready_address="",
             steps=config.max_steps, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
-            init_checkpoint=str(initial), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
+            model_path=str(self.model_dir), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train)
         return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1])

@@ -23,7 +23,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which model: a tiny random-init one of ``family`` (the default), or a local checkpoint."""
+    """Which model: a model directory (``path``), or the tiny random-init default written into the run directory.
+
+    ``path`` is a ``save_pretrained`` directory (``mmref init tiny-qwen2-vl DIR`` writes one);
+    its ``model_type`` gives the family and its processor config the pixel limits.
+    ``family``, the sizes and ``seed`` describe the tiny default only. ``min_pixels`` and
+    ``max_pixels`` override the directory's processor config (and exports carry the override).
+    """
 
     family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = "qwen2-vl"
     path: str | None = None
@@ -31,12 +37,12 @@ class ModelConfig(_Section):
     num_layers: int = Field(2, ge=1)
     vision_depth: int = Field(1, ge=1)
     seed: int = 0
-    min_pixels: int = Field(56 * 56, gt=0)
-    max_pixels: int = Field(112 * 112, gt=0)
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
         return self
 

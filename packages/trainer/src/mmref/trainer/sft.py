@@ -3,7 +3,8 @@
 Demonstrations come from the environment itself: each episode is played with the right
 answer every turn. Conversations are rendered with their pixels (``render_processed``: the
 real image processor, in this process) and the model is trained with cross-entropy on the
-assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``.
+assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``, a model directory
+(weights, config, tokenizer, processor config, chat template) that ``model.path`` loads.
 
     uv run mmref sft examples/color-codeword.toml --max-steps 30 --output-dir runs/sft
     uv run mmref rl examples/color-codeword.toml --set model.path=runs/sft/checkpoints/sft
@@ -24,8 +25,7 @@ from mmref.client.images import prepare_images
 from mmref.renderers import ImageStore
 from mmref.renderers.processed import render_processed
 from mmref.renderers.render import create_renderer
-from mmref.trainer.checkpoint import save_checkpoint
-from mmref.trainer.models import build_image_processor
+from mmref.trainer.export import export_model_dir
 from mmref.trainer.rl import build_policy
 from mmref.trainer.run_config import RunConfig
 
@@ -55,9 +55,10 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     env_config = ColorCodewordConfig(colors=config.env.colors, turns=config.env.turns, min_side=config.env.min_side,
                                      max_side=config.env.max_side, system_prompt=config.env.system_prompt)
     torch.manual_seed(config.seed)
-    tokenizer, model, spec = build_policy(config, env_config.words)
-    renderer = create_renderer(tokenizer, config.model.family, spec=spec)
-    store, processor = ImageStore(run_dir / "store"), build_image_processor(spec)
+    policy = build_policy(config, env_config.words)
+    model, spec, processor = policy.model, policy.spec, policy.processor
+    renderer = create_renderer(policy.tokenizer, policy.family, spec=spec)
+    store = ImageStore(run_dir / "store")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     end_id = renderer.stop_token_ids[0]
     model.train()
@@ -84,6 +85,6 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
         with metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
         console.print(f"sft step {step + 1}/{config.max_steps} loss {record['loss']:.3f}")
-    path = save_checkpoint(model, run_dir / "checkpoints" / "sft", config.model.family, weight_version=0)
+    path = export_model_dir(model.eval(), policy.tokenizer, processor, run_dir / "checkpoints" / "sft")
     console.print(f"sft checkpoint: {path}  (warm-start rl with --set model.path={path})")
     return path
