@@ -19,16 +19,12 @@ from mmref.trainer.policy import inspect_model_dir, load_policy
 from mmref.trainer.rl import RL_SPECIALS, ROLE_WORDS, build_policy
 from mmref.trainer.run_config import load_run_config
 from mmref.trainer.tiny_dir import vision_token_ids, write_tiny_model_dir
-
-# Pixel limits unlike any family's published ones: a spec taken from defaults would show.
-MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 48 * 28 * 28
+from trainer_cases import DIR_MAX_PIXELS as MAX_PIXELS, DIR_MIN_PIXELS as MIN_PIXELS, sharded_qwen_dir
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    """A tiny Qwen2-VL with the real Qwen2 vocabulary, sharded, with its own pixel limits."""
-    return write_tiny_model_dir("qwen2-vl", tmp_path_factory.mktemp("qwen") / "model", min_pixels=MIN_PIXELS,
-                                max_pixels=MAX_PIXELS, max_shard_size="200KB")
+    return sharded_qwen_dir(tmp_path_factory.mktemp("qwen") / "model")
 
 
 @pytest.fixture(scope="module")
