@@ -112,8 +112,8 @@ BROKEN = {
                             "patch_size 16 but config.json vision_config patch_size is 14"),
     "foreign processor": (lambda d: _edit_json(d / "preprocessor_config.json", image_processor_type="SiglipImageProcessor"),
                           ProcessorConfigError, "'SiglipImageProcessor' is not a Qwen-VL image processor"),
-    "limits crossed": (lambda d: _edit_json(d / "preprocessor_config.json", size={"shortest_edge": 9000, "longest_edge": 4000}),
-                       ProcessorConfigError, "min_pixels 9000 > max_pixels 4000"),
+    "no normalize": (lambda d: _edit_json(d / "preprocessor_config.json", do_normalize=False), ProcessorConfigError,
+                   "do_normalize False"),
 }
 
 

@@ -86,13 +86,17 @@ def inspect_model_dir(path: str | Path, min_pixels: int | None = None, max_pixel
 
 
 def load_policy(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None,
-                dtype: torch.dtype = torch.float32) -> Policy:
-    """The model, tokenizer, image processor and layout spec of a model directory (eval mode)."""
+                dtype: torch.dtype = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None) -> Policy:
+    """The model, tokenizer, image processor and layout spec of a model directory (eval mode).
+
+    ``tokenizer``: the one this directory was written with, already in memory (reading the
+    real Qwen2 tokenizer back takes seconds; the tiny ``tiny-<family>`` server skips that).
+    """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     checked = inspect_model_dir(path, min_pixels, max_pixels)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checked.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(checked.path)) if tokenizer is None else tokenizer
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{checked.path}: the tokenizer does not load: {_first_line(exc)}") from None
     with torch.random.fork_rng(devices=[]):  # loading must not move the global RNG that sampling draws from
@@ -103,9 +107,6 @@ def load_policy(path: str | Path, min_pixels: int | None = None, max_pixels: int
 def spec_of(family: str, processor: Any, where: Path | str) -> LayoutSpec:
     """The layout spec of a processor; ``ProcessorConfigError`` unless the spec rebuilds the same processor."""
     spec = spec_from_image_processor(family, processor)
-    if spec.min_pixels > spec.max_pixels:
-        raise ProcessorConfigError(f"{where}: min_pixels {spec.min_pixels} > max_pixels {spec.max_pixels}; "
-                                   "fix the processor config or the model.min_pixels/max_pixels overrides")
     ours, rebuilt = processor.to_dict(), build_image_processor(spec).to_dict()
     differing = [f"{key} {_plain(ours.get(key))} (processor config) != {_plain(rebuilt.get(key))} (layout math)"
                  for key in PIXEL_KEYS if _plain(ours.get(key)) != _plain(rebuilt.get(key))]

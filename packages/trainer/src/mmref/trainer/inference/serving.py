@@ -16,6 +16,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.tokenizer import qwen2_tokenizer
 from mmref.trainer.inference.engine import Engine, TransformersEngine
 from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.policy import Policy, load_policy
@@ -47,7 +48,7 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
     if model.startswith("tiny-"):
         with tempfile.TemporaryDirectory(prefix="mmref-tiny-") as tmp:
             path = write_tiny_model_dir(model.removeprefix("tiny-"), Path(tmp) / "model", size=tiny_size)
-            policy = load_policy(path, min_pixels=min_pixels, max_pixels=max_pixels)
+            policy = load_policy(path, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=qwen2_tokenizer())
     else:
         policy = load_policy(model, min_pixels=min_pixels, max_pixels=max_pixels)
     stops = stop_token_ids(policy.tokenizer)
