@@ -35,6 +35,7 @@ from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore
 from mmref.renderers.render import create_renderer
 from mmref.renderers.tokenizer import tiny_tokenizer
+from mmref.trainer.export import StepExports
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
@@ -142,7 +143,8 @@ class Orchestrator:
             trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
                                     processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy))
-            return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url)
+            return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
+                                    exports=self.step_exports(trainer.model))
         timeout = config.train.rank_timeout_s
         job = DistributedJob(
             family=self.family, store_root=str(self.store.root), pub_address="", ready_address="",
@@ -150,7 +152,14 @@ class Orchestrator:
             model_path=str(self.model_dir), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train)
-        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1])
+        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1],
+                               exports=self.step_exports(self.policy))
+
+    def step_exports(self, model: Any) -> StepExports:
+        """``checkpoints/step_N`` model directories of ``model`` with this run's tokenizer and processor."""
+        every, keep = self.config.checkpoint.every, self.config.checkpoint.keep_last
+        return StepExports(self.run.root / "checkpoints", model, self.tokenizer, self.processor, self.family,
+                           every=every, keep_last=keep, max_steps=self.config.max_steps)
 
     def threads_per_role(self) -> tuple[int | None, int | None]:
         """(this process's, each rank's) torch threads on CPU: split when sampling overlaps training; None: defaults."""

@@ -96,6 +96,17 @@ class InferenceConfig(_Section):
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
 
 
+class CheckpointConfig(_Section):
+    """Exports: ``<output_dir>/checkpoints/step_N`` model directories (weights, config, tokenizer, processor).
+
+    One every ``every`` steps (0: none on the way) and one after the last step; only the
+    newest ``keep_last`` are kept (None: all).
+    """
+
+    every: int = Field(0, ge=0)
+    keep_last: int | None = Field(None, ge=1)
+
+
 class RunConfig(_Section):
     """A whole run."""
 
@@ -109,6 +120,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 class ConfigError(ValueError):
