@@ -13,12 +13,12 @@ from mmref.renderers.contract import verify_ref
 from mmref.renderers.errors import ContractMismatchError
 from mmref.renderers.layout import spec_from_image_processor
 from mmref.renderers.tokenizer import tiny_tokenizer
-from mmref.trainer.errors import IncompleteModelDirError, ProcessorConfigError, UnsupportedModelError
-from mmref.trainer.models import TinySize, build_tiny_model
+from mmref.trainer.errors import IncompleteModelDirError, ModelDirError, ProcessorConfigError, UnsupportedModelError
+from mmref.trainer.models import TinySize, build_tiny_model, vision_token_ids
 from mmref.trainer.policy import inspect_model_dir, load_policy
 from mmref.trainer.rl import RL_SPECIALS, ROLE_WORDS, build_policy
 from mmref.trainer.run_config import load_run_config
-from mmref.trainer.tiny_dir import vision_token_ids, write_tiny_model_dir
+from mmref.trainer.tiny_dir import write_tiny_model_dir
 from trainer_cases import DIR_MAX_PIXELS as MAX_PIXELS, DIR_MIN_PIXELS as MIN_PIXELS, sharded_qwen_dir
 
 
@@ -104,13 +104,16 @@ BROKEN = {
     "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), IncompleteModelDirError, "no tokenizer.json"),
     "no processor config": (lambda d: (d / "preprocessor_config.json").unlink(), IncompleteModelDirError,
                             "no preprocessor_config.json"),
+    "another model's tokenizer": (lambda d: _edit_json(d / "config.json", image_token_id=3), ModelDirError,
+                                  "<\\|image_pad\\|> at id 13 but config.json image_token_id is 3"),
     "untrainable family": (lambda d: _edit_json(d / "config.json", model_type="llava"), UnsupportedModelError,
                            "model_type 'llava' has no trainable mmref family"),
     "no resize": (lambda d: _edit_json(d / "preprocessor_config.json", do_resize=False), ProcessorConfigError,
                   "do_resize False \\(processor config\\) != True \\(layout math\\)"),
     "patch off the tower": (lambda d: _edit_json(d / "preprocessor_config.json", patch_size=16), ProcessorConfigError,
                             "patch_size 16 but config.json vision_config patch_size is 14"),
-    "foreign processor": (lambda d: _edit_json(d / "preprocessor_config.json", image_processor_type="SiglipImageProcessor"),
+    "foreign processor": (lambda d: _edit_json(d / "preprocessor_config.json",
+                                               image_processor_type="SiglipImageProcessor"),
                           ProcessorConfigError, "'SiglipImageProcessor' is not a Qwen-VL image processor"),
     "no normalize": (lambda d: _edit_json(d / "preprocessor_config.json", do_normalize=False), ProcessorConfigError,
                    "do_normalize False"),

@@ -37,6 +37,9 @@ from mmref.trainer.errors import UnsupportedModelError
 QWEN_VISION_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656,
                          "vision_start_token_id": 151652, "vision_end_token_id": 151653}
 QWEN_VOCAB_SIZE = 151_936
+# config key -> the special token it names; a model directory's tokenizer must give these ids.
+VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 
 _CLASSES = {
     "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
@@ -127,6 +130,12 @@ def family_of_model_type(model_type: str | None, where: str = "config.json") -> 
 def processor_spec(family: str, processor: Qwen2VLImageProcessorPil) -> LayoutSpec:
     """The layout spec a live processor implements (its fingerprint is what refs must match)."""
     return spec_from_image_processor(family, processor)
+
+
+def vision_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    """The config's vision special-token ids as ``tokenizer`` has them (None where it lacks one)."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in VISION_TOKENS.items()}
+    return {name: None if i == tokenizer.unk_token_id else i for name, i in ids.items()}
 
 
 def image_token_ids_of(model: PreTrainedModel) -> frozenset[int]:

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mmref.renderers.layout import LayoutSpec, spec_from_image_processor
 from mmref.renderers.processed import build_image_processor
 from mmref.trainer.errors import IncompleteModelDirError, ModelDirError, ProcessorConfigError
-from mmref.trainer.models import family_of_model_type
+from mmref.trainer.models import VISION_TOKENS, family_of_model_type, vision_token_ids
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -99,6 +99,7 @@ def load_policy(path: str | Path, min_pixels: int | None = None, max_pixels: int
         tokenizer = AutoTokenizer.from_pretrained(str(checked.path)) if tokenizer is None else tokenizer
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{checked.path}: the tokenizer does not load: {_first_line(exc)}") from None
+    _check_token_ids(checked.path, tokenizer)
     with torch.random.fork_rng(devices=[]):  # loading must not move the global RNG that sampling draws from
         model = AutoModelForImageTextToText.from_pretrained(str(checked.path), dtype=dtype).eval()
     return Policy(checked.path, checked.family, model, tokenizer, checked.processor, checked.spec)
@@ -135,6 +136,15 @@ def _image_processor(path: Path, config: dict[str, Any], min_pixels: int | None,
             raise ProcessorConfigError(f"{file}: {ours} {getattr(processor, ours)} but config.json vision_config "
                                        f"{theirs} is {vision[theirs]}: the grids would not fit the vision tower")
     return processor
+
+
+def _check_token_ids(path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer's vision special tokens must be the ids config.json gives the model."""
+    config = _read_json(path / "config.json")
+    for name, token_id in vision_token_ids(tokenizer).items():
+        if name in config and config[name] != token_id:
+            raise ModelDirError(f"{path}: the tokenizer has {VISION_TOKENS[name]} at id {token_id} but config.json "
+                                f"{name} is {config[name]}: the tokenizer is not this model's")
 
 
 def _check_weights(path: Path) -> None:

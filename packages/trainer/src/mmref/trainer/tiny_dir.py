@@ -21,16 +21,7 @@ from mmref.renderers.processed import build_image_processor
 from mmref.renderers.render import chat_template
 from mmref.renderers.tokenizer import qwen2_tokenizer
 from mmref.trainer.export import export_model_dir
-from mmref.trainer.models import QWEN_VOCAB_SIZE, TinySize, build_tiny_model
-
-VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
-
-
-def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """The config's vision special-token ids, looked up in ``tokenizer``."""
-    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in VISION_TOKENS.items()}
-
+from mmref.trainer.models import QWEN_VOCAB_SIZE, TinySize, build_tiny_model, vision_token_ids
 
 def write_tiny_model_dir(family: str, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
                          seed: int = 0, size: TinySize = TinySize(), min_pixels: int | None = None,
