@@ -22,6 +22,7 @@ math cannot reproduce are each a ``ModelDirError`` that names the file and the f
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ class Policy:
 
 def inspect_model_dir(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None) -> ModelDir:
     """Check that ``path`` is a loadable, trainable model directory; cheap (weights are not read)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise IncompleteModelDirError(f"model directory {path} does not exist (expected a save_pretrained directory, "
                                       "e.g. one written by `mmref init tiny-qwen2-vl DIR`)")
@@ -175,14 +176,14 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """Processor values compared as JSON would see them (tuples as lists, enums and SizeDicts as plain values)."""
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: _plain(v) for k, v in dict(value).items() if v is not None}
+    """A processor value as its JSON holds it (tuples as lists, enums as their values), for comparing and naming."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, float):
-        return round(value, 12)
-    return int(value) if hasattr(value, "value") and isinstance(value.value, int) else value
+        return round(value, 12)  # mean/std: the same numbers through float32 and JSON
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _first_line(exc: BaseException) -> str:
