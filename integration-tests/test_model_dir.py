@@ -113,3 +113,12 @@ def test_init_writes_a_dir_that_loads_as_its_family_with_the_published_layout(tm
 def test_init_refuses_an_unknown_model_name(tmp_path, capsys):
     assert main(["init", "tiny-llava", str(tmp_path / "m")]) == 2
     assert "tiny-qwen2.5-vl" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_train_names_an_unreadable_or_invalid_job_in_one_line(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text(json.dumps({"family": "qwen2-vl", "steps": 0}))
+    assert main(["train", str(tmp_path / "bad.json")]) == 2
+    assert main(["train", str(tmp_path / "missing.json")]) == 2
+    bad, missing = capsys.readouterr().err.strip().splitlines()
+    assert "steps: Input should be greater than or equal to 1" in bad and "store_root: Field required" in bad
+    assert missing == f"mmref train: job {tmp_path / 'missing.json'}: No such file or directory"

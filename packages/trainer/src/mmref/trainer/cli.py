@@ -117,17 +117,23 @@ def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
 def _train(args: argparse.Namespace) -> int:
     from mmref.trainer.errors import ModelDirError
     from mmref.trainer.launch import LaunchConfig, launch
+    from pydantic import ValidationError
+
     from mmref.trainer.policy import inspect_model_dir
+    from mmref.trainer.run_config import validation_problems
     from mmref.trainer.train import DistributedJob
 
-    job = DistributedJob.model_validate_json(Path(args.config).read_text())
-    if job.model_path is not None:  # before torchrun starts: a bad directory is one line here, not one per rank
-        try:
+    try:  # before torchrun starts: a bad job or model directory is one line here, not a traceback per rank
+        job = DistributedJob.model_validate_json(Path(args.config).read_text())
+        if job.model_path is not None:
             inspect_model_dir(job.model_path, min_pixels=job.min_pixels, max_pixels=job.max_pixels)
-        except ModelDirError as exc:
-            print(f"mmref train: {exc}", file=sys.stderr)
-            return 2
-
+    except ModelDirError as exc:
+        print(f"mmref train: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValidationError) as exc:
+        problem = validation_problems(exc) if isinstance(exc, ValidationError) else exc.strerror
+        print(f"mmref train: job {args.config}: {problem}", file=sys.stderr)
+        return 2
     config = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port, timeout_s=args.timeout)
     result = launch(["-m", "mmref.trainer.train", args.config], config)

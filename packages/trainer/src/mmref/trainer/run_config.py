@@ -164,5 +164,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid run config{f' {path}' if path else ''}: {problems}") from None
+        raise ConfigError(f"invalid run config{f' {path}' if path else ''}: {validation_problems(exc)}") from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Each problem of a pydantic validation error as ``dotted.key: message``, on one line."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
