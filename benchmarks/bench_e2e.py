@@ -45,7 +45,7 @@ from mmref.renderers.layout import describe_image
 from mmref.renderers.render import create_renderer
 from mmref.trainer.inference import server as inference_server
 from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
-from mmref.trainer.models import build_image_processor, image_token_ids_of
+from mmref.trainer.models import image_token_ids_of
 from mmref.trainer.rl import build_policy, run_rl
 from mmref.trainer.run_config import RunConfig, load_run_config
 from mmref.trainer.samples import group_advantages
@@ -64,8 +64,9 @@ class BareLoop:
         self.env = source.config
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)
-        self.tokenizer, self.model, self.spec = build_policy(config, source.vocabulary())
-        self.processor = build_image_processor(self.spec)
+        policy = build_policy(config, source.vocabulary())
+        self.tokenizer, self.model = policy.tokenizer, policy.model
+        self.spec, self.processor = policy.spec, policy.processor
         self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
         self.banned = sorted(image_token_ids_of(self.model))
         self.word_ids = {w: self.tokenizer.convert_tokens_to_ids(w) for w in self.env.words}

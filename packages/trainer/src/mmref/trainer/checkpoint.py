@@ -60,6 +60,12 @@ def read_checkpoint_meta(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def weight_version_of(directory: str | Path) -> int:
+    """The weight version an mmref checkpoint or step export records; 0 for any other model directory."""
+    path = Path(directory) / "mmref.json"
+    return int(json.loads(path.read_text())["weight_version"]) if path.exists() else 0
+
+
 def load_weights_into(model: PreTrainedModel, directory: str | Path) -> int:
     """Load a checkpoint's weights into a model of the same architecture; returns its weight version."""
     meta = read_checkpoint_meta(directory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 
@@ -16,14 +17,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from mmref.trainer.models import TINY_FAMILIES
+    from mmref.trainer.tiny_dir import write_tiny_model_dir
+
+    family = args.model.removeprefix("tiny-")
+    if family not in TINY_FAMILIES or not args.model.startswith("tiny-"):
+        print(f"mmref init: unknown model {args.model!r}; choose one of {[f'tiny-{f}' for f in TINY_FAMILIES]}",
+              file=sys.stderr)
+        return 2
+    path = write_tiny_model_dir(family, args.directory, seed=args.seed,
+                                min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    print(f"mmref init: wrote {args.model} to {path} (use it with --set model.path={path} or serve --model {path})")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mmref.renderers.store import ImageStore
+    from mmref.trainer.errors import ModelDirError
     from mmref.trainer.inference import create_app, load_served_model
 
-    served = load_served_model(args.model, engine=args.engine, device=args.device,
-                               min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_model_len=args.max_model_len)
+    try:
+        served = load_served_model(args.model, engine=args.engine, device=args.device, min_pixels=args.min_pixels,
+                                   max_pixels=args.max_pixels, max_model_len=args.max_model_len)
+    except ModelDirError as exc:
+        print(f"mmref serve: {exc}", file=sys.stderr)
+        return 2
     app = create_app(served, ImageStore(args.store), cache_bytes=args.cache_mb * 2**20)
     print(f"mmref serve: {served.name} ({served.family}, fingerprint {served.spec.fingerprint[:12]}) "
           f"on http://{args.host}:{args.port}, store {args.store}", flush=True)
@@ -70,6 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
     """Load the TOML config with the command line's overrides and run ``run(config)``; exit 2 on a bad config."""
     from mmref.renderers.errors import MMRefError
+    from mmref.trainer.errors import ModelDirError
     from mmref.trainer.run_config import ConfigError, load_run_config
 
     overrides = list(args.set or [])
@@ -86,7 +108,7 @@ def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
         return 2
     try:
         run(config)
-    except ConfigError as exc:  # a config that loads but this command cannot run
+    except (ConfigError, ModelDirError) as exc:  # a config this command cannot run, or the user's model directory
         print(f"mmref {command}: {exc}", file=sys.stderr)
         return 2
     except MMRefError as exc:  # a typed failure (a rank died, a missing image, ...): its message says what
@@ -99,8 +121,25 @@ def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mmref.trainer.errors import ModelDirError
     from mmref.trainer.launch import LaunchConfig, launch
+    from pydantic import ValidationError
 
+    from mmref.trainer.policy import inspect_model_dir
+    from mmref.trainer.run_config import validation_problems
+    from mmref.trainer.train import DistributedJob
+
+    try:  # before torchrun starts: a bad job or model directory is one line here, not a traceback per rank
+        job = DistributedJob.model_validate_json(Path(args.config).read_text())
+        if job.model_path is not None:
+            inspect_model_dir(job.model_path, min_pixels=job.min_pixels, max_pixels=job.max_pixels)
+    except ModelDirError as exc:
+        print(f"mmref train: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValidationError) as exc:
+        problem = validation_problems(exc) if isinstance(exc, ValidationError) else exc.strerror
+        print(f"mmref train: job {args.config}: {problem}", file=sys.stderr)
+        return 2
     config = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           master_addr=args.master_addr, master_port=args.master_port, timeout_s=args.timeout)
     result = launch(["-m", "mmref.trainer.train", args.config], config)
@@ -117,8 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write generated screenshots to a store and print their refs and layouts")
     demo.add_argument("--store", help="store root (directory or fsspec URL); default: a new temp dir")
     demo.set_defaults(func=_demo)
+    init = sub.add_parser("init", help="write the tiny random model of a family as a model directory")
+    init.add_argument("model", help="tiny-qwen2-vl, tiny-qwen2.5-vl or tiny-qwen3-vl")
+    init.add_argument("directory", help="where to write it (replaced if it exists)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--min-pixels", type=int, help="processor min_pixels (default: the family's published one)")
+    init.add_argument("--max-pixels", type=int, help="processor max_pixels (default: the family's published one)")
+    init.set_defaults(func=_init)
     serve = sub.add_parser("serve", help="run the inference server (refs in, completions and logprobs out)")
-    serve.add_argument("--model", default="tiny-qwen2-vl", help="checkpoint directory or tiny-<family> (default)")
+    serve.add_argument("--model", default="tiny-qwen2-vl", help="model directory or tiny-<family> (default)")
     serve.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     serve.add_argument("--store", required=True, help="image store root (directory or fsspec URL)")
     serve.add_argument("--host", default="127.0.0.1")

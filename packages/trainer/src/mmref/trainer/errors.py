@@ -9,6 +9,10 @@ Each names the image (asset, sha256), the expected and actual values, and the st
           ├── MissingImageError (FileNotFoundError)  a ref whose bytes this rank cannot read
           ├── ImageTokenMismatchError (ValueError)   pad tokens vs features the grids produce
           ├── RankFailedError (RuntimeError)    another rank of the job failed (see distributed)
+          ├── ModelDirError (ValueError)        a model directory that cannot be trained or served (see policy)
+          │    ├── IncompleteModelDirError (FileNotFoundError)  no config.json, weights, tokenizer or processor config
+          │    ├── UnsupportedModelError                       a model_type with no trainable mmref family
+          │    └── ProcessorConfigError                        a processor config the layout math cannot reproduce
           └── TransportError (RuntimeError)     the micro-batch transport (see transport)
                ├── ReadyTimeoutError (TimeoutError)    ranks that never sent READY; names them
                ├── ReceiveTimeoutError (TimeoutError)  no micro-batches within the receive timeout
@@ -42,6 +46,22 @@ class ImageTokenMismatchError(TrainerError, ValueError):
 
 class RankFailedError(TrainerError, RuntimeError):
     """A distributed job stopped because some rank failed; the message names the rank and cause."""
+
+
+class ModelDirError(TrainerError, ValueError):
+    """A model directory that cannot be trained or served; a user error (the CLI exits 2 with its message)."""
+
+
+class IncompleteModelDirError(ModelDirError, FileNotFoundError):
+    """A model directory without one of its parts: config, weights, tokenizer, image processor config."""
+
+
+class UnsupportedModelError(ModelDirError):
+    """A model directory whose ``model_type`` has no layout family mmref can train."""
+
+
+class ProcessorConfigError(ModelDirError):
+    """An image processor config whose resize and pixel rules the layout math cannot reproduce."""
 
 
 class TransportError(TrainerError, RuntimeError):

@@ -1,6 +1,6 @@
 """``mmref eval``: a checkpoint on the run's held-out episodes (``[eval]``), without training.
 
-    uv run mmref eval examples/shapes-dataset.toml --checkpoint runs/shapes-dataset/checkpoints/latest
+    uv run mmref eval examples/shapes-dataset.toml --checkpoint runs/shapes-dataset/checkpoints/step_80
 
 Serves the checkpoint as ``mmref rl`` does, plays ``eval.num_examples`` episodes of
 ``eval.split`` once each at ``eval.temperature`` and writes ``<output_dir>/eval/eval.json``
@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mmref.client.train_client import TrainClient
-from mmref.trainer.checkpoint import read_checkpoint_meta
+from mmref.trainer.checkpoint import weight_version_of
 from mmref.trainer.evaluation import EvalResult
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
@@ -26,11 +26,12 @@ from mmref.trainer.run_config import RunConfig
 
 
 def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None = None) -> EvalResult:
-    """Evaluate ``checkpoint`` (None: the config's own ``model.path``, or the initial weights)."""
+    """Evaluate ``checkpoint``, a model directory such as ``checkpoints/step_N`` (None: the config's own
+    ``model.path``, or the initial weights)."""
     console = console or Console()
     if checkpoint is not None:
         config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
-    version = int(read_checkpoint_meta(config.model.path)["weight_version"]) if config.model.path else 0
+    version = weight_version_of(config.model.path) if config.model.path else 0
     out = Path(config.output_dir) / "eval"
     orch = Orchestrator(config, out, console)
     with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url:

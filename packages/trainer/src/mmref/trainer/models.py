@@ -2,8 +2,8 @@
 
 The embedded default of every command and test is a tiny model built here (no download):
 ``build_tiny_model("qwen2-vl")`` gives a ~1M-parameter Qwen2-VL whose special token ids
-match the Qwen2 tokenizer. Real checkpoints load from a local directory with
-``load_model(path)``.
+match the Qwen2 tokenizer. ``tiny_dir`` writes it as a model directory, and every model
+(tiny or real) loads from a directory with ``policy.load_policy(path)``.
 
 | family      | transformers class                   | patch | mean/std |
 |-------------|--------------------------------------|-------|----------|
@@ -15,7 +15,6 @@ match the Qwen2 tokenizer. Real checkpoints load from a local directory with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,11 +31,15 @@ from transformers import (
 
 from mmref.renderers.layout import LayoutSpec, layout_spec, spec_from_image_processor
 from mmref.renderers.processed import build_image_processor  # noqa: F401  (re-exported)
+from mmref.trainer.errors import UnsupportedModelError
 
 # Qwen2 tokenizer ids of the vision special tokens (shared by Qwen2-VL, 2.5-VL, 3-VL).
 QWEN_VISION_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656,
                          "vision_start_token_id": 151652, "vision_end_token_id": 151653}
 QWEN_VOCAB_SIZE = 151_936
+# config key -> the special token it names; a model directory's tokenizer must give these ids.
+VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 
 _CLASSES = {
     "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
@@ -44,6 +47,8 @@ _CLASSES = {
     "qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(_CLASSES)
+# config.json ``model_type`` -> layout family, for every family mmref can train.
+FAMILY_BY_MODEL_TYPE = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
 
 
 @dataclass(frozen=True)
@@ -105,28 +110,32 @@ def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
     return model.eval()
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A model from a local checkpoint directory (``save_pretrained`` layout)."""
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).eval()
-
-
 def family_of(model: PreTrainedModel) -> str:
     """Layout family of a loaded model, from its config."""
-    family = getattr(model.config, "mmref_family", None)
-    if family:
-        return family
-    by_type = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
-    model_type = model.config.model_type
-    if model_type not in by_type:
-        raise ValueError(f"model type {model_type!r} has no mmref layout family; supported: {sorted(by_type)}")
-    return by_type[model_type]
+    return getattr(model.config, "mmref_family", None) or family_of_model_type(model.config.model_type)
+
+
+def family_of_model_type(model_type: str | None, where: str = "config.json") -> str:
+    """Layout family of a config's ``model_type``; ``UnsupportedModelError`` for one mmref cannot train.
+
+    >>> family_of_model_type("qwen2_5_vl")
+    'qwen2.5-vl'
+    """
+    if model_type not in FAMILY_BY_MODEL_TYPE:
+        raise UnsupportedModelError(f"{where}: model_type {model_type!r} has no trainable mmref family; "
+                                    f"supported model types: {sorted(FAMILY_BY_MODEL_TYPE)}")
+    return FAMILY_BY_MODEL_TYPE[model_type]
 
 
 def processor_spec(family: str, processor: Qwen2VLImageProcessorPil) -> LayoutSpec:
     """The layout spec a live processor implements (its fingerprint is what refs must match)."""
     return spec_from_image_processor(family, processor)
+
+
+def vision_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    """The config's vision special-token ids as ``tokenizer`` has them (None where it lacks one)."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in VISION_TOKENS.items()}
+    return {name: None if i == tokenizer.unk_token_id else i for name, i in ids.items()}
 
 
 def image_token_ids_of(model: PreTrainedModel) -> frozenset[int]:

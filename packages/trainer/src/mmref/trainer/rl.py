@@ -14,6 +14,7 @@ checkpoints, the store, trainer.log (the ranks' output), the reward curve and th
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import random
@@ -35,25 +36,29 @@ from mmref.client.errors import EnvFailedError
 from mmref.client.rollout import DroppedGroup, ResetCopies, RolloutClock, play_groups
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
-from mmref.renderers import ImageStore, layout_spec
+from mmref.renderers import ImageStore
 from mmref.renderers.render import create_renderer
-from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
 from mmref.trainer.environments import run_environment
 from mmref.trainer.evaluation import EvalResult, evaluate
+from mmref.trainer.export import StepExports
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.loggers import Loggers
-from mmref.trainer.models import TinySize, build_image_processor, build_tiny_model, image_token_ids_of, processor_spec
+from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
+from mmref.trainer.policy import Policy, load_policy
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import ConfigError, RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer, frozen_copy
 from mmref.trainer.task_tokenizer import task_tokenizer
+from mmref.trainer.tiny_dir import write_tiny_model_dir
 from mmref.trainer.train import DistributedJob
+
+TASK_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}  # the tiny default's images: small, CPU-fast
 
 
 @dataclass(frozen=True)
@@ -84,20 +89,19 @@ class RunDir:
             f.write(line + "\n")
 
 
-def build_policy(config: RunConfig, vocabulary: Vocabulary | None):
-    """The tokenizer (of the task's ``vocabulary``), the tiny model whose special ids match it, and the layout spec."""
+def build_policy(config: RunConfig, vocabulary: Vocabulary | None) -> Policy:
+    """The run's model directory loaded: ``model.path``, else the tiny default written into the run directory."""
+    path = config.model.path or write_task_model_dir(config, vocabulary)
+    return load_policy(path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
+
+
+def write_task_model_dir(config: RunConfig, vocabulary: Vocabulary | None) -> Path:
+    """``<output_dir>/model``: the tiny ``model.family`` model with the tokenizer of the task's ``vocabulary``."""
     tokenizer = task_tokenizer(vocabulary)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     size = TinySize(hidden_size=config.model.hidden_size, num_layers=config.model.num_layers,
                     vision_depth=config.model.vision_depth)
-    model = build_tiny_model(config.model.family, seed=config.model.seed, vocab_size=len(tokenizer), size=size,
-                             token_ids=ids)
-    if config.model.path:  # a warm start (e.g. from `mmref sft`) of this same architecture
-        load_weights_into(model, config.model.path)
-    spec = layout_spec(config.model.family, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
-    return tokenizer, model, spec
+    return write_tiny_model_dir(config.model.family, Path(config.output_dir) / "model", tokenizer=tokenizer,
+                                seed=config.model.seed, size=size, **TASK_PIXELS)
 
 
 def pick_device(config: RunConfig) -> str:
@@ -117,19 +121,19 @@ class Orchestrator:
         self.data_positions: dict[int, dict] = {}  # step -> the env's data position after that step's draws
         vocabulary = vocabulary_of(self.env)
         torch.manual_seed(config.seed)
-        self.tokenizer, self.policy, self.spec = build_policy(config, vocabulary)
-        _, serve_model, _ = build_policy(config, vocabulary)
-        serve_model.load_state_dict(self.policy.state_dict())
+        loaded = build_policy(config, vocabulary)
+        self.model_dir, self.family = loaded.path, loaded.family
+        self.tokenizer, self.policy = loaded.tokenizer, loaded.model
+        self.spec, self.processor = loaded.spec, loaded.processor
+        serve_model = copy.deepcopy(self.policy)
         self.device = device = pick_device(config)
         self.store = ImageStore(run_dir / "store")
-        self.processor = build_image_processor(self.spec)
-        self.renderer = create_renderer(self.tokenizer, config.model.family, spec=self.spec)
+        self.renderer = create_renderer(self.tokenizer, self.family, spec=self.spec)
         banned = image_token_ids_of(self.policy)
         engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
                                     pad_token_id=self.renderer.stop_token_ids[0], device=device)
-        self.served = ServedModel(f"tiny-{config.model.family}", config.model.family,
-                                  processor_spec(config.model.family, self.processor), self.processor, engine,
-                                  self.renderer.image_pad_id)
+        self.served = ServedModel(config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
+                                  engine, self.renderer.image_pad_id)
         self.rng = random.Random(config.seed)
         self.loggers = Loggers.open(config.log, run_dir, config.model_dump())
 
@@ -141,16 +145,23 @@ class Orchestrator:
                                     processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
                                     reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
-            return InProcessTrainer(trainer, checkpoints / "latest", config.model.family, inference_url)
-        initial = save_checkpoint(self.policy, checkpoints / "initial", config.model.family, weight_version=0)
+            return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
+                                    exports=self.step_exports(trainer.model))
         timeout = config.train.rank_timeout_s
         job = DistributedJob(
-            family=config.model.family, store_root=str(self.store.root), pub_address="", ready_address="",
+            family=self.family, store_root=str(self.store.root), pub_address="", ready_address="",
             steps=config.max_steps, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
-            init_checkpoint=str(initial), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
+            model_path=str(self.model_dir), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train)
-        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1])
+        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1],
+                               exports=self.step_exports(self.policy))
+
+    def step_exports(self, model: Any) -> StepExports:
+        """``checkpoints/step_N`` model directories of ``model`` with this run's tokenizer and processor."""
+        every, keep = self.config.checkpoint.every, self.config.checkpoint.keep_last
+        return StepExports(self.run.root / "checkpoints", model, self.tokenizer, self.processor, self.family,
+                           every=every, keep_last=keep, max_steps=self.config.max_steps)
 
     def threads_per_role(self) -> tuple[int | None, int | None]:
         """(this process's, each rank's) torch threads on CPU: split when sampling overlaps training; None: defaults."""

@@ -25,6 +25,7 @@ import httpx
 
 from mmref.trainer.checkpoint import save_checkpoint
 from mmref.trainer.errors import TrainerJobError
+from mmref.trainer.export import StepExports
 from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
@@ -62,9 +63,10 @@ class RLTrainer(Protocol):
 class InProcessTrainer:
     """One rank inside the orchestrator's process: step, write the checkpoint, tell the server."""
 
-    def __init__(self, trainer: PolicyTrainer, checkpoint_dir: Path, family: str, inference_url: str) -> None:
+    def __init__(self, trainer: PolicyTrainer, checkpoint_dir: Path, family: str, inference_url: str,
+                 exports: StepExports | None = None) -> None:
         self.trainer, self.checkpoint_dir, self.family = trainer, checkpoint_dir, family
-        self.inference_url = inference_url
+        self.inference_url, self.exports = inference_url, exports
 
     async def start(self) -> None:
         return None
@@ -76,6 +78,8 @@ class InProcessTrainer:
         async with httpx.AsyncClient(base_url=self.inference_url, timeout=120) as http:
             response = await http.post("/update_weights", json={"path": str(path)})
             response.raise_for_status()
+        if self.exports is not None:
+            await asyncio.to_thread(self.exports.after_step, step + 1)
         return {"ranks": 1, "transport_bytes": 0, "transport_s": 0.0, "sync_s": time.perf_counter() - start,
                 **metrics.as_dict()}
 
@@ -87,12 +91,13 @@ class TorchrunTrainer:
     """``nproc`` torchrun ranks running ``mmref.trainer.train`` on ``job``; micro-batches go over ZMQ."""
 
     def __init__(self, job: DistributedJob, nproc: int, run_dir: Path, timeout_s: float,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, exports: StepExports | None = None) -> None:
         addresses = TransportAddresses.loopback(free_port(), free_port())
         self.job = job.model_copy(update={"pub_address": addresses.pub, "ready_address": addresses.ready,
                                           "metrics_path": str(run_dir / "trainer.jsonl")})
         self.nproc, self.run_dir, self.timeout_s = nproc, run_dir, timeout_s
         self.threads = threads  # OMP_NUM_THREADS of each rank (None: torchrun's default)
+        self.exports = exports  # fed from the weights rank 0 writes for the server (job.checkpoint_dir)
         self.metrics_path = Path(self.job.metrics_path)
         self.log_path = run_dir / "trainer.log"
         self.sender = ZmqSender(addresses, nproc, TransportLimits(recv_timeout_s=timeout_s))
@@ -130,6 +135,8 @@ class TorchrunTrainer:
         sent = await asyncio.to_thread(self.sender.send_step, step, per_rank)
         transport_s = time.perf_counter() - start
         metrics = await self._wait_for_metrics(step)
+        if self.exports is not None:  # rank 0 writes checkpoint_dir again only once it has the next step
+            await asyncio.to_thread(self.exports.after_step, step + 1, Path(self.job.checkpoint_dir))
         return {**metrics, "transport_bytes": sent, "transport_s": transport_s}
 
     async def _wait_for_metrics(self, step: int) -> dict:

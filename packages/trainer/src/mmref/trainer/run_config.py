@@ -23,7 +23,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which model: a tiny random-init one of ``family`` (the default), or a local checkpoint."""
+    """Which model: a model directory (``path``), or the tiny random-init default written into the run directory.
+
+    ``path`` is a ``save_pretrained`` directory (``mmref init tiny-qwen2-vl DIR`` writes one);
+    its ``model_type`` gives the family and its processor config the pixel limits.
+    ``family``, the sizes and ``seed`` describe the tiny default only. ``min_pixels`` and
+    ``max_pixels`` override the directory's processor config (and exports carry the override).
+    """
 
     family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = "qwen2-vl"
     path: str | None = None
@@ -31,12 +37,12 @@ class ModelConfig(_Section):
     num_layers: int = Field(2, ge=1)
     vision_depth: int = Field(1, ge=1)
     seed: int = 0
-    min_pixels: int = Field(56 * 56, gt=0)
-    max_pixels: int = Field(112 * 112, gt=0)
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
-        if self.min_pixels > self.max_pixels:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
         return self
 
@@ -126,6 +132,17 @@ class LogConfig(_Section):
     tensorboard: bool = False    # event files under <output_dir>/tensorboard
 
 
+class CheckpointConfig(_Section):
+    """Exports: ``<output_dir>/checkpoints/step_N`` model directories (weights, config, tokenizer, processor).
+
+    One every ``every`` steps (0: none on the way) and one after the last step; only the
+    newest ``keep_last`` are kept (None: all).
+    """
+
+    every: int = Field(0, ge=0)
+    keep_last: int | None = Field(None, ge=1)
+
+
 class RunConfig(_Section):
     """A whole run."""
 
@@ -141,6 +158,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     inference: InferenceConfig = InferenceConfig()
     log: LogConfig = LogConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
 
 class ConfigError(ValueError):
@@ -184,5 +202,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid run config{f' {path}' if path else ''}: {problems}") from None
+        raise ConfigError(f"invalid run config{f' {path}' if path else ''}: {validation_problems(exc)}") from None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Each problem of a pydantic validation error as ``dotted.key: message``, on one line."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

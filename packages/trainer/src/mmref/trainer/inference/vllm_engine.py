@@ -75,17 +75,6 @@ def choices_from_output(output: Any) -> list[Choice]:
     return choices
 
 
-def write_model_dir(model: Any, tokenizer: Any, spec: Any, directory: str | Path) -> Path:
-    """A directory vLLM can load: HF config + safetensors, tokenizer, processor config."""
-    from mmref.renderers.processed import build_image_processor
-
-    directory = Path(directory)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    build_image_processor(spec).save_pretrained(directory)
-    return directory
-
-
 def retie_lm_head_on_worker(worker: Any) -> bool:
     """Runs inside each vLLM worker after ``reload_weights``: point a tied ``lm_head`` at the new embedding.
 
