@@ -100,15 +100,23 @@ def test_image_slots_go_on_the_wire_as_ref_offset_length():
     assert seen[0]["images"] == [{"ref": ref.encode(), "offset": 1, "length": ref.num_tokens}]
 
 
-def test_max_model_len_is_fetched_once_and_cached():
+def test_max_model_len_is_fetched_once_and_cached_also_by_concurrent_first_requests():
     calls, seen = [], []
 
+    answer = server([OK] * 4, seen, calls).handler
+
+    async def slow_models(request):  # the server takes a moment: the first requests all wait on it
+        if request.url.path == "/v1/models":
+            await asyncio.sleep(0.01)
+        return answer(request)
+
     async def go():
-        async with TrainClient("http://inference", transport=server([OK, OK], seen, calls), backoff_s=0.001) as client:
-            await client.generate(Rendered(), Sampling(max_tokens=4))
+        async with TrainClient("http://inference", transport=httpx.MockTransport(slow_models),
+                               backoff_s=0.001) as client:
+            await asyncio.gather(*(client.generate(Rendered(), Sampling(max_tokens=4)) for _ in range(3)))
             await client.generate(Rendered(), Sampling(max_tokens=4))
     asyncio.run(go())
-    assert len(seen) == 2 and len(calls) == 1
+    assert len(seen) == 4 and len(calls) == 1  # concurrent first requests wait for the one /v1/models call
 
 
 def test_a_response_with_fewer_completions_than_n_is_a_server_error():

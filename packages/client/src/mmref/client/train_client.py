@@ -64,6 +64,7 @@ class TrainClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport, limits=limits)
         self._max_model_len: int | None = None
+        self._models_lock = asyncio.Lock()
         self.requests = 0
         self.retries = 0
         self.bytes_sent = 0
@@ -78,10 +79,11 @@ class TrainClient:
         await self._http.aclose()
 
     async def max_model_len(self) -> int:
-        """The served model's context length (cached after the first call)."""
-        if self._max_model_len is None:
-            models = (await self._request("GET", "/v1/models")).json()
-            self._max_model_len = int(models["data"][0]["max_model_len"])
+        """The served model's context length (one ``/v1/models`` call, however many requests wait for it)."""
+        async with self._models_lock:
+            if self._max_model_len is None:
+                models = (await self._request("GET", "/v1/models")).json()
+                self._max_model_len = int(models["data"][0]["max_model_len"])
         return self._max_model_len
 
     async def generate(self, rendered: Any, sampling: Sampling) -> GenerateResult:

@@ -314,9 +314,7 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
     config = orch.config
     history = []
     # Evaluation has its own client: the steps' request counters stay the rollouts' own.
-    connections = config.rollout.concurrency
-    async with TrainClient(base_url, max_connections=connections) as client, \
-            TrainClient(base_url, max_connections=connections) as eval_client:
+    async with TrainClient(base_url) as client, TrainClient(base_url) as eval_client:
         evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training else []
         pending = asyncio.create_task(orch.collect(client, 0))
         for step in range(config.max_steps):
