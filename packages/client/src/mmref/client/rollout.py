@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any
 
-from mmref.client.environment import Environment, close_env, describe, image_root_of, reset_env, step_env
+from mmref.client.environment import Environment, close_env, describe, image_root_of, reset_env, step_env, tools_of
 from mmref.client.errors import EnvFailedError, ImageInputError, InferenceServerError
 from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
@@ -98,7 +98,7 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
     """Play one episode; every model call becomes a trace node."""
     _check_one_per_turn(sampling)
     messages, _ = prepare_images(await reset_env(env), store, renderer.spec, image_root_of(env))
-    return await _play(env, messages, renderer.render(messages), None, renderer, client, store, sampling, max_turns,
+    return await _play(env, messages, renderer.render(messages, tools=tools_of(env)), None, renderer, client, store, sampling, max_turns,
                        group_id, nullcontext(), RolloutClock())
 
 
@@ -126,7 +126,8 @@ async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer:
         else:
             prepared = [prepare_images(o, store, renderer.spec, image_root_of(e))[0] for o, e in zip(openings, envs)]
         shared = max_turns >= 1 and len(prepared) > 1 and all(p == prepared[0] for p in prepared[1:])
-        rendered = [renderer.render(prepared[0])] if shared else [renderer.render(m) for m in prepared]
+        rendered = ([renderer.render(prepared[0], tools=tools_of(envs[0]))] if shared
+                    else [renderer.render(m, tools=tools_of(e)) for m, e in zip(prepared, envs)])
     if shared:
         rendered = rendered[0]
         async with limit:
@@ -264,10 +265,10 @@ async def _turns(env: Environment, messages: list[dict[str, Any]], rendered: Any
         with clock.timing("render_s"):
             new_messages, _ = prepare_images(new_messages, store, renderer.spec, image_root_of(env))
             bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages,
-                                                   rendered.images, prev=rendered)
+                                                   rendered.images, tools=tools_of(env), prev=rendered)
             messages = messages + new_messages
             if bridged is None:
-                rendered = renderer.render(messages)
+                rendered = renderer.render(messages, tools=tools_of(env))
                 metrics["full_renders"] += 1
             else:
                 rendered = bridged

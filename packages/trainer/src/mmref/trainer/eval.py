@@ -33,7 +33,8 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
     version = int(read_checkpoint_meta(config.model.path)["weight_version"]) if config.model.path else 0
     out = Path(config.output_dir) / "eval"
     orch = Orchestrator(config, out, console)
-    with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url:
+    with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url, \
+            orch.hosting_agents(url) as orch.agents:
         result = asyncio.run(_evaluate(orch, url, version))
     orch.record(0, [], {"step": 0, "evals": [result.as_dict()]}, [result])
     write_viewer(out, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(out / "rollouts.jsonl")])

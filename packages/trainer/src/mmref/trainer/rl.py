@@ -14,6 +14,7 @@ checkpoints, the store, trainer.log (the ranks' output), the reward curve and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -32,11 +33,13 @@ from rich.table import Table
 
 from mmref.client.environment import Vocabulary, vocabulary_of
 from mmref.client.errors import EnvFailedError
-from mmref.client.rollout import DroppedGroup, ResetCopies, RolloutClock, play_groups
+from mmref.client.agent import AgentHost, is_agent, play_agent_groups
+from mmref.client.rollout import DroppedGroup, GroupBatch, ResetCopies, RolloutClock, play_groups
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
 from mmref.renderers.render import create_renderer
+from mmref.trainer.agent_host import host_agents
 from mmref.trainer.checkpoint import load_weights_into, save_checkpoint
 from mmref.trainer.environments import run_environment
 from mmref.trainer.evaluation import EvalResult, evaluate
@@ -132,6 +135,14 @@ class Orchestrator:
                                   self.renderer.image_pad_id)
         self.rng = random.Random(config.seed)
         self.loggers = Loggers.open(config.log, run_dir, config.model_dump())
+        self.agents: AgentHost | None = None  # the interception server, when the environment is agent code
+
+    def hosting_agents(self, inference_url: str) -> contextlib.AbstractContextManager[AgentHost | None]:
+        """The interception server for an agent environment (its sessions feed ``collect``); else nothing."""
+        if not is_agent(self.env):
+            return contextlib.nullcontext()
+        return host_agents(self.renderer, self.store, inference_url, self.served.name, self.config.inference.host,
+                           self.config.rollout.concurrency)
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
@@ -168,22 +179,14 @@ class Orchestrator:
         """
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
-        # One reset per group, deep-copied per member: plays what group_size same-seed episodes would.
-        groups, ids, dropped = [], [], []
-        for prompt, seed in enumerate(seeds):
-            try:
-                groups.append(ResetCopies(self.env.episode(seed), cfg.group_size))
-                ids.append(f"s{step}-p{prompt}")
-            except EnvFailedError as exc:
-                dropped.append(DroppedGroup(f"s{step}-p{prompt}", cfg.group_size, exc))
-        if hasattr(self.env, "state_dict"):
-            self.data_positions[step] = self.env.state_dict()
-        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        ids = [f"s{step}-p{prompt}" for prompt in range(len(seeds))]
         sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
         clock, generated, batches, start = RolloutClock(), engine.generate_s, engine.batches, time.perf_counter()
-        # A group's members open alike (same seed): turn one is one n=group_size request per group.
-        batch = await play_groups(groups, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
-                                  group_ids=ids, clock=clock)
+        if self.agents is not None:  # agent code against its own session URL; requests go through the host
+            batch, dropped = await play_agent_groups(self.env, seeds, ids, cfg.group_size, self.agents,
+                                                     cfg.concurrency), []
+        else:
+            batch, dropped = await self.play_episodes(client, step, seeds, ids, clock)
         dropped += batch.dropped
         self.log_dropped(step, dropped)
         if not batch.groups:
@@ -195,6 +198,26 @@ class Orchestrator:
                  "requests": client.requests - requests, "engine_batches": engine.batches - batches,
                  "dropped": sum(d.size for d in dropped)}
         return batch.traces, client.bytes_sent - sent, times
+
+    async def play_episodes(self, client: TrainClient, step: int, seeds: list[int], ids: list[str],
+                            clock: RolloutClock) -> tuple[GroupBatch, list[DroppedGroup]]:
+        """The environment's episodes of ``seeds``, ``group_size`` each, and the groups whose episode failed."""
+        cfg = self.config.rollout
+        # One reset per group, deep-copied per member: plays what group_size same-seed episodes would.
+        groups, played, dropped = [], [], []
+        for seed, group_id in zip(seeds, ids):
+            try:
+                groups.append(ResetCopies(self.env.episode(seed), cfg.group_size))
+                played.append(group_id)
+            except EnvFailedError as exc:
+                dropped.append(DroppedGroup(group_id, cfg.group_size, exc))
+        if hasattr(self.env, "state_dict"):
+            self.data_positions[step] = self.env.state_dict()
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        # A group's members open alike (same seed): turn one is one n=group_size request per group.
+        batch = await play_groups(groups, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
+                                  group_ids=played, clock=clock)
+        return batch, dropped
 
     def log_dropped(self, step: int, dropped: list[DroppedGroup]) -> None:
         """Each dropped group on the console, with the environment's traceback in ``env_errors.log``."""
@@ -208,7 +231,7 @@ class Orchestrator:
 
     async def evaluate(self, client: TrainClient, weight_version: int) -> EvalResult:
         """``[eval]``'s held-out episodes on the weights the server holds now (``weight_version``)."""
-        return await evaluate(self.env, self.config, self.renderer, client, self.store, weight_version)
+        return await evaluate(self.env, self.config, self.renderer, client, self.store, weight_version, self.agents)
 
     def eval_due(self, step: int) -> bool:
         """Whether to evaluate after ``step``: every ``eval.every`` steps and after the last."""
@@ -367,7 +390,8 @@ def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting", total=config.max_steps)
         try:
-            history = asyncio.run(_loop(orch, url, progress, task))
+            with orch.hosting_agents(url) as orch.agents:
+                history = asyncio.run(_loop(orch, url, progress, task))
         finally:
             orch.loggers.close()
     write_reward_curve(history, run_dir / "reward.png", chance=getattr(orch.env, "chance", None))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from mmref.client.agent import is_agent
 from mmref.client.environment import Environment, image_root_of, reset_env, step_env, vocabulary_of
 from mmref.client.errors import EnvLoadError
 from mmref.client.images import prepare_images
@@ -62,6 +63,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     console = console or Console()
     run_dir = Path(config.output_dir)
     source = run_environment(config)
+    if is_agent(source):
+        raise EnvLoadError(f"env {config.env.name!r} is agent code: mmref sft needs episodes that know their answer")
     torch.manual_seed(config.seed)
     tokenizer, model, spec = build_policy(config, vocabulary_of(source))
     renderer = create_renderer(tokenizer, config.model.family, spec=spec)
