@@ -55,6 +55,7 @@ from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTraine
 from mmref.trainer.run_config import ConfigError, RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer, frozen_copy
+from mmref.trainer.step_record import StepRecord
 from mmref.trainer.task_tokenizer import task_tokenizer
 from mmref.trainer.train import DistributedJob
 
@@ -304,7 +305,7 @@ def pixel_values_nbytes(rows: list[PackedRow], spec) -> int:
     return sum(spec.pixel_values_nbytes(slot.ref.grid_thw) for row in rows for slot in row.images)
 
 
-async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any) -> list[dict]:
+async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any) -> list[StepRecord]:
     trainer = orch.make_trainer(base_url)
     sampler_threads, _ = orch.threads_per_role()
     threads = torch.get_num_threads()
@@ -322,7 +323,8 @@ async def _loop(orch: Orchestrator, base_url: str, progress: Progress, task: Any
         await trainer.close(ok)
 
 
-async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress: Progress, task: Any) -> list[dict]:
+async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress: Progress,
+                 task: Any) -> list[StepRecord]:
     config = orch.config
     history = []
     # Evaluation has its own client: the steps' request counters stay the rollouts' own.
@@ -354,25 +356,22 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
             tokens = sum(len(n.completion_ids) for t in traces for n in t.nodes)
             wall = time.perf_counter() - start
             dropped = rollout_times.pop("dropped")
-            metrics = {"step": step, "reward_mean": sum(rewards) / len(rewards), "reward_by_turn": reward_by_turn(traces),
-                       "rollouts": len(traces), "rollouts_dropped": dropped,
-                       "samples": len(samples), "rows": len(rows), "occupancy": occupancy(rows, config.train.max_seq_len),
-                       "tokens_per_s": tokens / wall, "images_per_s": sum(len(t.nodes) for t in traces) / wall,
-                       "rollout_s": rollout_s, "train_s": train_s, "step_s": wall,
-                       **{f"rollout_{k}": v for k, v in rollout_times.items()},
-                       "samples_s": samples_s, "pack_s": pack_s, "trainer_s": trainer_s, "weight_load_s": weight_load_s,
-                       "request_bytes": request_bytes,
-                       "pixel_values_bytes": pixel_values_nbytes(rows, orch.spec), "off_policy_lag": lag,
-                       **step_metrics}
             if orch.eval_due(step):
                 evals.append(await orch.evaluate(eval_client, step + 1))
-            if evals:
-                metrics["evals"] = [e.as_dict() for e in evals]
-            orch.record(step, traces, metrics, evals)
+            record = StepRecord(
+                step=step, reward_mean=sum(rewards) / len(rewards), reward_by_turn=reward_by_turn(traces),
+                rollouts=len(traces), rollouts_dropped=dropped, samples=len(samples), rows=len(rows),
+                occupancy=occupancy(rows, config.train.max_seq_len), tokens_per_s=tokens / wall,
+                images_per_s=sum(len(t.nodes) for t in traces) / wall, rollout_s=rollout_s, train_s=train_s,
+                step_s=wall, rollout_times=rollout_times, samples_s=samples_s, pack_s=pack_s, trainer_s=trainer_s,
+                weight_load_s=weight_load_s, request_bytes=request_bytes,
+                pixel_values_bytes=pixel_values_nbytes(rows, orch.spec), off_policy_lag=lag, trainer=step_metrics,
+                evals=[e.as_dict() for e in evals])
+            orch.record(step, traces, record.as_dict(), evals)
             evals = []
-            history.append(metrics)
+            history.append(record)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "
-                                                         f"{metrics['reward_mean']:.2f} tok/s {metrics['tokens_per_s']:.0f}")
+                                                         f"{record.reward_mean:.2f} tok/s {record.tokens_per_s:.0f}")
     return history
 
 
@@ -394,21 +393,21 @@ def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
                 history = asyncio.run(_loop(orch, url, progress, task))
         finally:
             orch.loggers.close()
-    write_reward_curve(history, run_dir / "reward.png", chance=getattr(orch.env, "chance", None))
+    write_reward_curve([r.as_dict() for r in history], run_dir / "reward.png", chance=getattr(orch.env, "chance", None))
     write_viewer(run_dir, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(run_dir / "rollouts.jsonl")])
-    summary = RunSummary(run_dir, len(history), history[-1]["reward_mean"],
-                         sum(m["reward_mean"] for m in history[-5:]) / len(history[-5:]), time.perf_counter() - start)
+    summary = RunSummary(run_dir, len(history), history[-1].reward_mean,
+                         sum(r.reward_mean for r in history[-5:]) / len(history[-5:]), time.perf_counter() - start)
     print_summary(console, summary, history)
     return summary
 
 
-def print_summary(console: Console, summary: RunSummary, history: list[dict]) -> None:
+def print_summary(console: Console, summary: RunSummary, history: list[StepRecord]) -> None:
     table = Table(title=f"mmref rl: {summary.run_dir}")
     for column in ("steps", "ranks", "reward (last 5)", "wall s", "rollout s/step", "train s/step", "request KB/step"):
         table.add_column(column, justify="right")
     n = len(history)
-    table.add_row(str(n), str(history[-1]["ranks"]), f"{summary.last5_reward:.3f}", f"{summary.wall_s:.1f}",
-                  f"{sum(m['rollout_s'] for m in history) / n:.2f}", f"{sum(m['train_s'] for m in history) / n:.2f}",
-                  f"{sum(m['request_bytes'] for m in history) / n / 1024:.0f}")
+    table.add_row(str(n), str(history[-1].trainer["ranks"]), f"{summary.last5_reward:.3f}", f"{summary.wall_s:.1f}",
+                  f"{sum(r.rollout_s for r in history) / n:.2f}", f"{sum(r.train_s for r in history) / n:.2f}",
+                  f"{sum(r.request_bytes for r in history) / n / 1024:.0f}")
     console.print(table)
     console.print(f"reward curve: {summary.run_dir / 'reward.png'}   viewer: {summary.run_dir / 'viewer.html'}")
