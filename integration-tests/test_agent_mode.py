@@ -75,9 +75,10 @@ SCRIPT = ['<tool_call>\n{"name": "zoom", "arguments": {"x": 20, "y": 30, "w": 40
 
 def test_the_agents_trace_equals_a_direct_rollout_of_its_conversation(tmp_path, zoom, renderer):
     store = ImageStore(tmp_path / "store")
-    app = create_interception_app(renderer, scripted(renderer, SCRIPT.__getitem__), store, model_name="m")
+    client = scripted(renderer, SCRIPT.__getitem__)
+    app = create_interception_app(renderer, client, store, model_name="m")
     with running(app) as url:
-        host = InterceptionHost(app, url, renderer, "m")
+        host = InterceptionHost(app, url, renderer, "m", client)
         [trace] = asyncio.run(run_agent(FunctionAgent("zoom", zoom, {}), host, seed=5, group_id="g"))
     _, colour = zoom.__globals__["picture"](5)
     assert trace.reward == float(colour == "blue") and trace.group_id == "g" and not app.state.sessions
@@ -108,9 +109,10 @@ def test_a_crash_inside_agent_code_fails_its_group_only(tmp_path, zoom, renderer
         return reward
 
     store = ImageStore(tmp_path / "store")
-    app = create_interception_app(renderer, scripted(renderer, lambda i: "red"), store, model_name="m")
+    client = scripted(renderer, lambda i: "red")
+    app = create_interception_app(renderer, client, store, model_name="m")
     with running(app) as url:
-        host = InterceptionHost(app, url, renderer, "m")
+        host = InterceptionHost(app, url, renderer, "m", client)
         batch = asyncio.run(play_agent_groups(FunctionAgent("crashy", crashy, {}), [0, 1, 2], ["a", "b", "c"], 2,
                                               host))
     assert [[t.group_id for t in g] for g in batch.groups] == [["a", "a"], ["c", "c"]]
@@ -128,7 +130,8 @@ def test_mmref_rl_trains_and_evaluates_a_few_steps_on_the_zoom_agent(tmp_path):
                  "--set", "rollout.group_size=2", "--set", "eval.every=2", "--set", "eval.num_examples=3"]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["rollouts"], m["rollouts_dropped"]) for m in metrics] == [(0, 4, 0), (1, 4, 0)]
-    assert all(m["loss_tokens"] > 0 and m["images_processed"] >= 1 for m in metrics)
+    assert all(m["loss_tokens"] > 0 and m["images_processed"] >= 1 and m["rollout_requests"] >= 4
+               and m["request_bytes"] > 0 for m in metrics)  # the agents' calls, counted by the host
     assert [(e["weight_version"], e["rollouts"]) for e in metrics[-1]["evals"]] == [(2, 3)]  # agents evaluate too
     turns = [json.loads(line)["turns"] for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert turns and all(t[0]["user_text"] == "Which colour is the square?" and len(t[0]["images"]) == 1

@@ -30,6 +30,7 @@ from mmref.client.environment import describe
 from mmref.client.errors import EnvFailedError
 from mmref.client.rollout import DroppedGroup, GroupBatch
 from mmref.client.trace import Trace
+from mmref.client.train_client import TrainClient
 
 
 @runtime_checkable
@@ -72,6 +73,7 @@ class AgentHost(Protocol):
     """The interception server as agents see it: a URL per session and each session's traces."""
 
     model: str
+    client: TrainClient
 
     def session_url(self, session: str) -> str:
         """The OpenAI ``base_url`` of ``session`` (``.../sessions/<session>/v1``)."""
@@ -126,6 +128,7 @@ class InterceptionHost:
     url: str
     renderer: Any
     model: str
+    client: TrainClient  # the app's client of the inference server (its request and byte counters)
 
     def session_url(self, session: str) -> str:
         return f"{self.url}/sessions/{session}/v1"

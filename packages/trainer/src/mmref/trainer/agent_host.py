@@ -27,4 +27,4 @@ def host_agents(renderer: Any, store: ImageStore, inference_url: str, model: str
     client = TrainClient(inference_url, max_connections=max_connections)
     app = create_interception_app(renderer, client, store, model_name=model)
     with serve_in_thread(app, host, 0) as url:
-        yield InterceptionHost(app, url, renderer, model)
+        yield InterceptionHost(app, url, renderer, model, client)

@@ -181,6 +181,8 @@ class Orchestrator:
         cfg = self.config.rollout
         seeds = [self.rng.randrange(2**31) for _ in range(cfg.prompts_per_step)]
         ids = [f"s{step}-p{prompt}" for prompt in range(len(seeds))]
+        if self.agents is not None:  # the agents reach the server through the host (evals of agents count here too)
+            client = self.agents.client
         sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
         clock, generated, batches, start = RolloutClock(), engine.generate_s, engine.batches, time.perf_counter()
         if self.agents is not None:  # agent code against its own session URL; requests go through the host
