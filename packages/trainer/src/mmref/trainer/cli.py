@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument("--checkpoint", help="checkpoint directory (default: model.path, else the initial weights)")
         run.set_defaults(func=func)
     train = sub.add_parser("train", help="run the trainer ranks under torchrun (micro-batches from a packer over ZMQ)")
-    train.add_argument("config", help="job JSON (mmref.trainer.train.DistributedJob)")
+    train.add_argument("config", help="job JSON (mmref.trainer.job.DistributedJob)")
     train.add_argument("--nproc-per-node", type=int, default=1)
     train.add_argument("--nnodes", type=int, default=1)
     train.add_argument("--node-rank", type=int, default=0)

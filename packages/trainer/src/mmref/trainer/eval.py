@@ -21,7 +21,7 @@ from mmref.trainer.evaluation import EvalResult
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.report import RolloutRecord, read_jsonl, write_viewer
-from mmref.trainer.rl import Orchestrator
+from mmref.trainer.orchestrator import Orchestrator
 from mmref.trainer.run_config import RunConfig
 
 

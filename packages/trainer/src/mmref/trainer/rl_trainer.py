@@ -26,10 +26,10 @@ import httpx
 from mmref.trainer.checkpoint import save_checkpoint
 from mmref.trainer.errors import TrainerJobError
 from mmref.trainer.inference.threaded import free_port
+from mmref.trainer.job import DistributedJob, zero_loss_pad
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
 from mmref.trainer.step import PolicyTrainer
-from mmref.trainer.train import DistributedJob, zero_loss_pad
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqSender, deal
 
 _POLL_S = 0.005  # rank 0's metrics line: a step is ~0.1-3 s, and each poll is one small file read

@@ -33,7 +33,7 @@ from mmref.trainer.checkpoint import save_checkpoint
 from mmref.trainer.environments import run_environment
 from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.models import build_image_processor
-from mmref.trainer.rl import build_policy
+from mmref.trainer.policy_setup import build_policy
 from mmref.trainer.run_config import RunConfig
 
 
