@@ -108,9 +108,11 @@ def test_a_factory_failing_for_one_episode_fails_that_episode_only(toymod):
 
 
 AGENTS = '''
+from mmref.client.environment import Vocabulary
+
 async def solve(base_url, model, seed, bonus=0.0):
     return 1.0 + bonus
-solve.vocabulary = None
+solve.vocabulary = Vocabulary(words=("yes",))
 
 class Solver:
     def __init__(self, level, seed):
@@ -122,12 +124,14 @@ class Solver:
 
 def test_an_async_function_or_an_object_with_run_loads_as_an_agent(tmp_path):
     from mmref.client.agent import FunctionAgent, is_agent
+    from mmref.client.environment import vocabulary_of
 
     path = tmp_path / "agents_file.py"
     path.write_text(AGENTS)
     agent = load_environment(f"{path}:solve", {"bonus": 0.5})
     assert isinstance(agent, FunctionAgent) and is_agent(agent)
     assert asyncio.run(agent.run("http://x/v1", "m", 3)) == 1.5
+    assert vocabulary_of(agent).words == ("yes",) and agent.chance is None  # read from the function
     solver = load_environment(f"{path}:Solver", {"level": 2}, seed=7)
     assert is_agent(solver) and (solver.level, solver.seed) == (2, 7)
     assert not is_agent(load_environment("color-codeword"))

@@ -52,10 +52,15 @@ class FunctionAgent:
     async def run(self, base_url: str, model: str, seed: int) -> float:
         return await self.fn(base_url, model, seed, **self.args)
 
-    def __getattr__(self, attr: str) -> Any:  # vocabulary, chance: read from the function's attributes
-        if attr.startswith("_") or attr in ("name", "fn", "args"):
-            raise AttributeError(attr)
-        return getattr(self.fn, attr)
+    @property
+    def vocabulary(self) -> Any:
+        """The function's ``vocabulary`` attribute, if it has one (for the tiny models' tokenizer)."""
+        return getattr(self.fn, "vocabulary", None)
+
+    @property
+    def chance(self) -> float | None:
+        """The function's ``chance`` attribute, if it has one (the reward curve's blind-policy level)."""
+        return getattr(self.fn, "chance", None)
 
 
 def is_agent(obj: Any) -> bool:
