@@ -71,7 +71,7 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
             version = step + 1
             with fail_fast(f"step {step} weight sync"):
                 _sync_weights(job, info, model, export, version)
-            _append_metrics(job, info, step, version, metrics)
+            _report_result(job, info, receiver, step, version, metrics)
             if job.report_dir:  # test instrumentation: full gradients are a collective and costly
                 report.append({"step": step, "weight_version": version, "strategy": strategy,
                                "bytes_received": receiver.bytes_received,
@@ -94,18 +94,22 @@ def _build_model(job: DistributedJob) -> torch.nn.Module:
     return model
 
 
-def _append_metrics(job: DistributedJob, info: RankInfo, step: int, version: int, metrics: StepMetrics) -> None:
-    """Rank 0 appends the step's metrics, combined over ranks, to ``job.metrics_path`` (a collective)."""
-    if not job.metrics_path:
-        return
+def _report_result(job: DistributedJob, info: RankInfo, receiver: ZmqReceiver, step: int, version: int,
+                   metrics: StepMetrics) -> None:
+    """Rank 0 sends the step's metrics, combined over ranks, back over the transport (a collective).
+
+    Also appended to ``job.metrics_path`` when set: a record of the ranks' steps, which nothing polls.
+    """
     parts = [metrics]
     if info.world_size > 1:
         parts = [None] * info.world_size
         dist.all_gather_object(parts, metrics)
     if info.rank == 0:
         line = {"step": step, "weight_version": version, "ranks": info.world_size, **StepMetrics.combine(parts).as_dict()}
-        with open(job.metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        receiver.send_result(step, line)
+        if job.metrics_path:
+            with open(job.metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 def _global_normalizer(micro_batches: list[MicroBatch], info: RankInfo) -> float:
