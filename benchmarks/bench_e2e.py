@@ -46,7 +46,8 @@ from mmref.renderers.render import create_renderer
 from mmref.trainer.inference import server as inference_server
 from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
 from mmref.trainer.models import image_token_ids_of
-from mmref.trainer.rl import build_policy, run_rl
+from mmref.trainer.policy_setup import build_policy
+from mmref.trainer.rl import run_rl
 from mmref.trainer.run_config import RunConfig, load_run_config
 from mmref.trainer.samples import group_advantages
 

@@ -22,7 +22,7 @@ from mmref.trainer.models import build_tiny_model
 from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer
-from mmref.trainer.train import DistributedJob, zero_loss_pad
+from mmref.trainer.job import DistributedJob, zero_loss_pad
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqSender, deal
 from trainer_cases import IMAGE_TOKENS, make_sample, processor, small_spec
 

@@ -15,7 +15,7 @@ from mmref.renderers.layout import spec_from_image_processor
 from mmref.trainer.cli import main
 from mmref.trainer.inference import load_served_model
 from mmref.trainer.policy import load_policy
-from mmref.trainer.rl import Orchestrator
+from mmref.trainer.orchestrator import Orchestrator
 from mmref.trainer.run_config import load_run_config
 from inference_cases import app_and_store, client, picture, prompt_with_images
 from trainer_cases import DIR_MAX_PIXELS, sharded_qwen_dir

@@ -1,5 +1,6 @@
 """Loading environments by name: built-ins, import paths, entry points, and typed errors naming what failed."""
 
+import asyncio
 import importlib.metadata
 import sys
 import textwrap
@@ -104,3 +105,43 @@ def test_a_factory_failing_for_one_episode_fails_that_episode_only(toymod):
     source = load_environment(f"{toymod}:make", {"word": "boom-later"}, seed=0)
     with pytest.raises(EnvFailedError, match="episode factory broke"):
         source.episode(1)
+
+
+AGENTS = '''
+from mmref.client.environment import Vocabulary
+
+async def solve(base_url, model, seed, bonus=0.0):
+    return 1.0 + bonus
+solve.vocabulary = Vocabulary(words=("yes",))
+
+class Solver:
+    def __init__(self, level, seed):
+        self.level, self.seed = level, seed
+    async def run(self, base_url, model, seed):
+        return float(self.level)
+'''
+
+
+def test_an_async_function_or_an_object_with_run_loads_as_an_agent(tmp_path):
+    from mmref.client.agent import FunctionAgent, is_agent
+    from mmref.client.environment import vocabulary_of
+
+    path = tmp_path / "agents_file.py"
+    path.write_text(AGENTS)
+    agent = load_environment(f"{path}:solve", {"bonus": 0.5})
+    assert isinstance(agent, FunctionAgent) and is_agent(agent)
+    assert asyncio.run(agent.run("http://x/v1", "m", 3)) == 1.5
+    assert vocabulary_of(agent).words == ("yes",) and agent.chance is None  # read from the function
+    solver = load_environment(f"{path}:Solver", {"level": 2}, seed=7)
+    assert is_agent(solver) and (solver.level, solver.seed) == (2, 7)
+    assert not is_agent(load_environment("color-codeword"))
+    sys.modules.pop("agents_file", None)
+
+
+@pytest.mark.parametrize("source,match", [(None, "no file"), ("raise KeyError('x')", "failed to import: KeyError")])
+def test_a_python_file_that_is_missing_or_raises_is_a_load_error(tmp_path, source, match):
+    path = tmp_path / "broken_file.py"
+    if source is not None:
+        path.write_text(source)
+    with pytest.raises(EnvLoadError, match=match):
+        load_environment(f"{path}:make")

@@ -12,7 +12,7 @@ import torch
 from mmref.trainer.distributed import RankInfo, check_all_ranks, fail_fast, wrap_data_parallel
 from mmref.trainer.errors import MissingImageError
 from mmref.trainer.launch import LaunchConfig, end_group, torchrun_command
-from mmref.trainer.train import zero_loss_pad
+from mmref.trainer.job import zero_loss_pad
 from mmref.trainer.pack import MicroBatch, PackedRow
 
 SINGLE = RankInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
@@ -65,7 +65,7 @@ def test_zero_loss_pad_keeps_tokens_and_images_but_drops_every_loss_token():
 def test_job_that_would_sync_weights_without_a_checkpoint_dir_is_refused():
     from pydantic import ValidationError
 
-    from mmref.trainer.train import DistributedJob
+    from mmref.trainer.job import DistributedJob
 
     fields = dict(family="qwen2-vl", store_root="store", pub_address="tcp://127.0.0.1:1", ready_address="tcp://127.0.0.1:2",
                   steps=1)

@@ -17,7 +17,7 @@ from mmref.trainer.errors import IncompleteModelDirError, ModelDirError, Process
 from mmref.trainer.models import TinySize, build_tiny_model, vision_token_ids
 from mmref.trainer.policy import inspect_model_dir, load_policy
 from mmref.trainer.environments import run_environment
-from mmref.trainer.rl import build_policy
+from mmref.trainer.policy_setup import build_policy
 from mmref.trainer.task_tokenizer import RL_SPECIALS, task_tokenizer
 from mmref.trainer.run_config import load_run_config
 from mmref.trainer.tiny_dir import write_tiny_model_dir

@@ -6,7 +6,7 @@ import pytest
 
 from mmref.trainer import rl_trainer
 from mmref.trainer.rl_trainer import TorchrunTrainer, cpu_threads_per_role
-from mmref.trainer.train import DistributedJob
+from mmref.trainer.job import DistributedJob
 
 
 @pytest.mark.parametrize("cpus, nproc, overlapped, expected", [

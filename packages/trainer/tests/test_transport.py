@@ -166,6 +166,26 @@ def test_sender_refuses_pixel_payloads_and_unequal_counts(addresses):
         sender.close()
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fake", [False, True], ids=["zmq", "in-memory"])
+def test_a_ranks_step_result_comes_back_to_the_sender_tagged_with_its_step(addresses, fake):
+    hub = InMemoryHub(1, limits=FAST) if fake else None
+    sender = hub.sender() if fake else ZmqSender(addresses, world_size=1, limits=FAST)
+    rx = hub.receiver(0) if fake else ZmqReceiver(addresses, rank=0, limits=FAST)
+    try:
+        sender.wait_ready()
+        with pytest.raises(ReceiveTimeoutError, match="no result of step 0 from the ranks within 0.1s"):
+            sender.recv_result(0, timeout_s=0.1)
+        rx.send_result(0, {"step": 0, "loss": 0.25, "ranks": 1})
+        assert sender.recv_result(0) == {"step": 0, "loss": 0.25, "ranks": 1}
+        rx.send_result(2, {"step": 2})
+        with pytest.raises(StepMismatchError, match="expected the result of step 1, got step 2's"):
+            sender.recv_result(1)
+    finally:
+        rx.close()
+        sender.close()
+
+
 def test_in_memory_hub_matches_zmq_semantics():
     hub = InMemoryHub(2, limits=FAST)
     sender = hub.sender()

@@ -10,7 +10,8 @@ and ``close`` is optional::
             return new_messages, reward, done               return new_messages, reward, done
         async def close(self) -> None: ...
 
-Messages are OpenAI-style. Image parts may hold data URLs, PIL images, or paths relative to
+An environment may list OpenAI-style ``tools`` (attribute): its prompts are rendered with
+them, as a chat request with ``tools=`` is. Messages are OpenAI-style. Image parts may hold data URLs, PIL images, or paths relative to
 the environment's ``image_root`` attribute (read by the client, never by the server).
 
 An ``EnvironmentSource`` makes the episodes of a run (``episode(seed)``); it may also give
@@ -84,6 +85,11 @@ def image_root_of(env: Any) -> Path | None:
     return Path(root) if root is not None else None
 
 
+def tools_of(env: Any) -> list[dict[str, Any]] | None:
+    """``env.tools``, the OpenAI-style tool definitions its prompts render with, or None."""
+    return getattr(env, "tools", None) or None
+
+
 def describe(env: Any) -> str:
     """``module.Class`` of an environment, for error messages."""
     kind = type(env)
@@ -137,4 +143,5 @@ def _takes_tool_calls(env: Any) -> bool:
 
 
 __all__ = ["Environment", "EnvironmentSource", "Messages", "ParsedToolCall", "StepResult", "Vocabulary",
-           "accepts_keyword", "close_env", "describe", "image_root_of", "reset_env", "step_env", "vocabulary_of"]
+           "accepts_keyword", "close_env", "describe", "image_root_of", "reset_env", "step_env", "tools_of",
+           "vocabulary_of"]

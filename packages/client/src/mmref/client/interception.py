@@ -110,11 +110,11 @@ class Session:
             self.episodes.append(Episode([node], call))
         return len(self.episodes) - 1
 
-    def trace(self, renderer: Any, episode: int = -1, reward: float = 0.0) -> Trace:
+    def trace(self, renderer: Any, episode: int = -1, reward: float = 0.0, group_id: str | None = None) -> Trace:
         """One episode's validated trace (the current one by default)."""
         index = range(len(self.episodes))[episode]
         chosen = self.episodes[index]
-        return Trace.build(rollout_id=f"{self.id}#{index}", family=renderer.family,
+        return Trace.build(rollout_id=f"{self.id}#{index}", group_id=group_id, family=renderer.family,
                            image_pad_id=renderer.image_pad_id, stop_token_ids=renderer.stop_token_ids,
                            messages=chosen.last.messages, nodes=chosen.nodes, reward=reward)
 

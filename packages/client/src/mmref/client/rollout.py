@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any
 
-from mmref.client.environment import Environment, close_env, describe, image_root_of, reset_env, step_env
+from mmref.client.environment import Environment, close_env, describe, image_root_of, reset_env, step_env, tools_of
 from mmref.client.errors import EnvFailedError, ImageInputError, InferenceServerError
 from mmref.client.images import prepare_images
 from mmref.client.trace import Trace, TraceNode
@@ -100,8 +100,8 @@ async def run_rollout(env: Environment, renderer: Any, client: TrainClient, stor
     _check_one_per_turn(sampling)
     messages, _ = prepare_images(await reset_env(env), store, renderer.spec, image_root_of(env))
     requests = GroupRequests(1, client, sampling, nullcontext(), group_id)
-    return await _play(env, messages, renderer.render(messages), requests, renderer, store, max_turns, group_id,
-                       RolloutClock())
+    return await _play(env, messages, renderer.render(messages, tools=tools_of(env)), requests, renderer, store,
+                       max_turns, group_id, RolloutClock())
 
 
 async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer: Any, client: TrainClient,
@@ -125,10 +125,10 @@ async def run_group_rollout(envs: Sequence[Environment] | ResetCopies, renderer:
     with clock.timing("render_s"):
         if openings and all(o == openings[0] for o in openings[1:]):  # equal bytes: prepare and render once
             prepared = [prepare_images(openings[0], store, renderer.spec, image_root_of(envs[0]))[0]] * len(openings)
-            rendered = [renderer.render(prepared[0])] * len(openings)
+            rendered = [renderer.render(prepared[0], tools=tools_of(envs[0]))] * len(openings)
         else:
             prepared = [prepare_images(o, store, renderer.spec, image_root_of(e))[0] for o, e in zip(openings, envs)]
-            rendered = [renderer.render(m) for m in prepared]
+            rendered = [renderer.render(m, tools=tools_of(e)) for m, e in zip(prepared, envs)]
     requests = GroupRequests(len(envs), client, sampling, limit, group_id)
     plays = [_play(env, list(messages), tokens, requests, renderer, store, max_turns, group_id, clock)
              for env, messages, tokens in zip(envs, prepared, rendered)]
@@ -302,10 +302,10 @@ async def _turns(env: Environment, messages: list[dict[str, Any]], rendered: Any
         with clock.timing("render_s"):
             new_messages, _ = prepare_images(new_messages, store, renderer.spec, image_root_of(env))
             bridged = renderer.bridge_to_next_turn(rendered.token_ids, completion.token_ids, new_messages,
-                                                   rendered.images, prev=rendered)
+                                                   rendered.images, tools=tools_of(env), prev=rendered)
             messages = messages + new_messages
             if bridged is None:
-                rendered = renderer.render(messages)
+                rendered = renderer.render(messages, tools=tools_of(env))
                 metrics["full_renders"] += 1
             else:
                 rendered = bridged

@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from mmref.trainer.policy import inspect_model_dir
     from mmref.trainer.run_config import validation_problems
-    from mmref.trainer.train import DistributedJob
+    from mmref.trainer.job import DistributedJob
 
     try:  # before torchrun starts: a bad job or model directory is one line here, not a traceback per rank
         job = DistributedJob.model_validate_json(Path(args.config).read_text())
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
             run.add_argument("--checkpoint", help="checkpoint directory (default: model.path, else the initial weights)")
         run.set_defaults(func=func)
     train = sub.add_parser("train", help="run the trainer ranks under torchrun (micro-batches from a packer over ZMQ)")
-    train.add_argument("config", help="job JSON (mmref.trainer.train.DistributedJob)")
+    train.add_argument("config", help="job JSON (mmref.trainer.job.DistributedJob)")
     train.add_argument("--nproc-per-node", type=int, default=1)
     train.add_argument("--nnodes", type=int, default=1)
     train.add_argument("--node-rank", type=int, default=0)

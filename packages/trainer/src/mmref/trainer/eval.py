@@ -21,7 +21,7 @@ from mmref.trainer.evaluation import EvalResult
 from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.report import RolloutRecord, read_jsonl, write_viewer
-from mmref.trainer.rl import Orchestrator
+from mmref.trainer.orchestrator import Orchestrator
 from mmref.trainer.run_config import RunConfig
 
 
@@ -34,7 +34,8 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
     version = weight_version_of(config.model.path) if config.model.path else 0
     out = Path(config.output_dir) / "eval"
     orch = Orchestrator(config, out, console)
-    with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url:
+    with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url, \
+            orch.hosting_agents(url) as orch.agents:
         result = asyncio.run(_evaluate(orch, url, version))
     orch.record(0, [], {"step": 0, "evals": [result.as_dict()]}, [result])
     write_viewer(out, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(out / "rollouts.jsonl")])

@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mmref.client.agent import Agent, AgentHost, play_agent_groups
 from mmref.client.environment import EnvironmentSource
 from mmref.client.errors import EnvFailedError
 from mmref.client.rollout import play_groups
 from mmref.client.trace import Trace
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers.store import ImageStore
-from mmref.trainer.environments import eval_episodes
+from mmref.trainer.environments import EVAL_SEED_BASE, eval_episodes
 from mmref.trainer.run_config import RunConfig
 
 
@@ -39,18 +40,25 @@ class EvalResult:
                 "rollouts_dropped": self.rollouts_dropped, "temperature": self.temperature}
 
 
-async def evaluate(source: EnvironmentSource, config: RunConfig, renderer: Any, client: TrainClient,
-                   store: ImageStore, weight_version: int) -> EvalResult:
-    """Play ``config.eval.num_examples`` held-out episodes of ``config.eval.split`` once each."""
+async def evaluate(source: EnvironmentSource | Agent, config: RunConfig, renderer: Any, client: TrainClient,
+                   store: ImageStore, weight_version: int, agents: AgentHost | None = None) -> EvalResult:
+    """Play ``config.eval.num_examples`` held-out episodes of ``config.eval.split`` once each.
+
+    An agent (served by ``agents``) plays seeds training never draws, at the temperature its own calls ask for.
+    """
     cfg = config.eval
-    envs = eval_episodes(source, cfg.split, cfg.num_examples)
-    sampling = Sampling(temperature=cfg.temperature, max_tokens=config.rollout.max_tokens)
-    batch = await play_groups([[env] for env in envs], renderer, client, store, sampling,
-                              concurrency=config.rollout.concurrency,
-                              group_ids=[f"eval-v{weight_version}-{i}" for i in range(len(envs))])
+    ids = [f"eval-v{weight_version}-{i}" for i in range(cfg.num_examples)]
+    if agents is not None:
+        seeds = [EVAL_SEED_BASE + i for i in range(cfg.num_examples)]
+        batch = await play_agent_groups(source, seeds, ids, 1, agents, config.rollout.concurrency)
+    else:
+        envs = eval_episodes(source, cfg.split, cfg.num_examples)
+        sampling = Sampling(temperature=cfg.temperature, max_tokens=config.rollout.max_tokens)
+        batch = await play_groups([[env] for env in envs], renderer, client, store, sampling,
+                                  concurrency=config.rollout.concurrency, group_ids=ids[:len(envs)])
     if not batch.groups:
-        raise EnvFailedError(f"evaluation of weight version {weight_version}: all {len(envs)} episodes failed in "
-                             f"the environment; the first error: {batch.dropped[0].error}")
+        raise EnvFailedError(f"evaluation of weight version {weight_version}: all {len(batch.dropped)} episodes "
+                             f"failed in the environment; the first error: {batch.dropped[0].error}")
     rewards = [t.reward for t in batch.traces]
     return EvalResult(weight_version, sum(rewards) / len(rewards), len(rewards), batch.rollouts_dropped,
                       cfg.temperature, batch.traces)

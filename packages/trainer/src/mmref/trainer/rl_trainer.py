@@ -5,7 +5,8 @@ Both take a step's packed rows and return once the inference server serves the n
     trainer = TorchrunTrainer(job, nproc=2, run_dir=run_dir)
     await trainer.start()                       # spawn torchrun, wait until every rank is READY
     metrics = await trainer.step(step, rows)    # deal micro-batches (refs) -> ranks train ->
-                                                # rank 0 checkpoints and POSTs /update_weights
+                                                # rank 0 checkpoints, POSTs /update_weights and
+                                                # sends its metrics back over the transport
     await trainer.close(ok=True)
 
 A rank that fails ends the torchrun job (fail-fast inside it); the orchestrator sees the job
@@ -16,7 +17,6 @@ Ctrl-C, ``close(ok=False)`` ends the job's whole process group.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import IO, Protocol
@@ -24,16 +24,17 @@ from typing import IO, Protocol
 import httpx
 
 from mmref.trainer.checkpoint import save_checkpoint
-from mmref.trainer.errors import TrainerJobError
+from mmref.trainer.errors import ReceiveTimeoutError, TrainerJobError
 from mmref.trainer.export import StepExports
 from mmref.trainer.inference.threaded import free_port
+from mmref.trainer.job import DistributedJob, zero_loss_pad
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
 from mmref.trainer.step import PolicyTrainer
-from mmref.trainer.train import DistributedJob, zero_loss_pad
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqSender, deal
 
-_POLL_S = 0.005  # rank 0's metrics line: a step is ~0.1-3 s, and each poll is one small file read
+# A wait for rank 0's result returns as soon as it arrives; between slices the job is checked for a dead rank.
+_RESULT_SLICE_S = 0.2
 
 
 def cpu_threads_per_role(cpus: int, nproc: int, overlapped: bool) -> tuple[int, int]:
@@ -140,16 +141,17 @@ class TorchrunTrainer:
         return {**metrics, "transport_bytes": sent, "transport_s": transport_s}
 
     async def _wait_for_metrics(self, step: int) -> dict:
+        """Rank 0's result of ``step``, sent over the transport once the server has the step's weights."""
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            for line in self.metrics_path.read_text().splitlines():
-                record = json.loads(line)
-                if record["step"] == step:
-                    record.pop("step")
-                    record.pop("weight_version")
-                    return record
-            self._check_alive(f"step {step}")
-            await asyncio.sleep(_POLL_S)
+            try:  # short slices: check the job between
+                record = await asyncio.to_thread(self.sender.recv_result, step, _RESULT_SLICE_S)
+            except ReceiveTimeoutError:
+                self._check_alive(f"step {step}")
+                continue
+            record.pop("step")
+            record.pop("weight_version")
+            return record
         raise TrainerJobError(f"trainer ranks did not finish step {step} within {self.timeout_s:.0f}s"
                               f"{self._log_tail()}")
 

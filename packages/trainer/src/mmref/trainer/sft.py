@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from mmref.client.agent import is_agent
 from mmref.client.environment import Environment, image_root_of, reset_env, step_env, vocabulary_of
 from mmref.client.errors import EnvLoadError
 from mmref.client.images import prepare_images
@@ -32,7 +33,7 @@ from mmref.renderers.render.base import ParsedResponse
 from mmref.trainer.environments import run_environment
 from mmref.trainer.export import export_model_dir
 from mmref.trainer.lr_schedule import build_scheduler
-from mmref.trainer.rl import build_policy
+from mmref.trainer.policy_setup import build_policy
 from mmref.trainer.run_config import RunConfig
 
 
@@ -62,6 +63,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     console = console or Console()
     run_dir = Path(config.output_dir)
     source = run_environment(config)
+    if is_agent(source):
+        raise EnvLoadError(f"env {config.env.name!r} is agent code: mmref sft needs episodes that know their answer")
     torch.manual_seed(config.seed)
     policy = build_policy(config, vocabulary_of(source))
     model, spec, processor = policy.model, policy.spec, policy.processor

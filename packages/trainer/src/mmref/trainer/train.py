@@ -13,67 +13,24 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmref.renderers import ImageStore
 from mmref.renderers.layout import LayoutSpec, layout_spec
 from mmref.trainer.checkpoint import save_checkpoint
 from mmref.trainer.distributed import RankInfo, fail_fast, init_distributed, shutdown_distributed, wrap_data_parallel
 from mmref.trainer.materialize import Materializer
+from mmref.trainer.job import DistributedJob
 from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of
 from mmref.trainer.pack import MicroBatch
 from mmref.trainer.policy import load_policy
-from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
-
-class DistributedJob(BaseModel):
-    """What every rank of a training job needs; one JSON file shared by all ranks."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    family: str
-    store_root: str                      # local dir or fsspec URL every node can read
-    pub_address: str                     # the packer's PUB socket
-    ready_address: str                   # the packer's READY PULL socket
-    steps: int = Field(ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: NCCL on CUDA when present, else gloo on CPU
-    min_pixels: int | None = None        # overrides of the processor config's pixel limits
-    max_pixels: int | None = None
-    seed: int = 0                        # the tiny model's seed when there is no model_path
-    model_path: str | None = None        # a model directory (policy.load_policy); None: a tiny model of family
-    checkpoint_dir: str | None = None    # rank 0 writes weights here after each step
-    inference_url: str | None = None     # then POSTs /update_weights here
-    report_dir: str | None = None        # per-rank JSON of what each step received and did
-    metrics_path: str | None = None      # rank 0 appends each step's metrics, once its weights are served
-    ready_timeout_s: float = 60.0
-    recv_timeout_s: float = 120.0
-    collective_timeout_s: float = 120.0
-    train: TrainConfig = TrainConfig()
-
-    @model_validator(mode="after")
-    def _sync_needs_weights(self) -> DistributedJob:
-        if self.inference_url and not self.checkpoint_dir:
-            raise ValueError("inference_url is set but checkpoint_dir is not: the server loads weights from there")
-        return self
-
-
-def zero_loss_pad(micro_batch: MicroBatch) -> MicroBatch:
-    """A copy of ``micro_batch`` that contributes nothing to the loss: the padding ``deal`` gives short ranks.
-
-    A copy rather than a text-only row because FSDP2 reduces only parameters that received a
-    gradient: a rank whose pad skipped the vision tower would mismatch the others' reduce-scatter.
-    """
-    rows = [replace(row, loss_mask=[False] * len(row), advantages=[0.0] * len(row), branch_positions=[],
-                    branch_token_ids=[], branch_advantages=[], branch_logprobs=[]) for row in micro_batch.rows]
-    return MicroBatch(micro_batch.step, rows)
 
 
 def run(job: DistributedJob) -> None:
@@ -114,7 +71,7 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
             version = step + 1
             with fail_fast(f"step {step} weight sync"):
                 _sync_weights(job, info, model, export, family, version)
-            _append_metrics(job, info, step, version, metrics)
+            _report_result(job, info, receiver, step, version, metrics)
             if job.report_dir:  # test instrumentation: full gradients are a collective and costly
                 report.append({"step": step, "weight_version": version, "strategy": strategy,
                                "bytes_received": receiver.bytes_received,
@@ -138,18 +95,22 @@ def _build_model(job: DistributedJob) -> tuple[str, torch.nn.Module, Any, Layout
     return job.family, build_tiny_model(job.family, seed=job.seed), build_image_processor(spec), spec
 
 
-def _append_metrics(job: DistributedJob, info: RankInfo, step: int, version: int, metrics: StepMetrics) -> None:
-    """Rank 0 appends the step's metrics, combined over ranks, to ``job.metrics_path`` (a collective)."""
-    if not job.metrics_path:
-        return
+def _report_result(job: DistributedJob, info: RankInfo, receiver: ZmqReceiver, step: int, version: int,
+                   metrics: StepMetrics) -> None:
+    """Rank 0 sends the step's metrics, combined over ranks, back over the transport (a collective).
+
+    Also appended to ``job.metrics_path`` when set: a record of the ranks' steps, which nothing polls.
+    """
     parts = [metrics]
     if info.world_size > 1:
         parts = [None] * info.world_size
         dist.all_gather_object(parts, metrics)
     if info.rank == 0:
         line = {"step": step, "weight_version": version, "ranks": info.world_size, **StepMetrics.combine(parts).as_dict()}
-        with open(job.metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        receiver.send_result(step, line)
+        if job.metrics_path:
+            with open(job.metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 def _global_normalizer(micro_batches: list[MicroBatch], info: RankInfo) -> float:

@@ -10,6 +10,8 @@ is short), so the ranks' collectives stay in step::
     sender.wait_ready()
     sender.send_step(0, deal(micro_batches, 2, pad))  # [topic, step, payload] per rank
     receiver.recv_step(0)                            # -> list[dict], one per micro-batch
+    receiver.send_result(0, {"loss": 0.1})           # rank 0, once the step's weights are served
+    sender.recv_result(0)                            # -> {"loss": 0.1}, back on the READY channel
 
 Payloads are msgpack of plain dicts (``MicroBatch.to_wire()``); any pixel field is refused
 before sending, so the wire carries refs only. Per-token lists travel compact (see
@@ -19,6 +21,7 @@ the same interface for tests that need no sockets.
 
 from __future__ import annotations
 
+import json
 import queue
 import struct
 import time
@@ -35,6 +38,7 @@ from mmref.trainer.errors import ReadyTimeoutError, ReceiveTimeoutError, StepMis
 
 _STEP = struct.Struct(">q")
 _READY = b"READY"
+_RESULT = b"RESULT"
 
 
 def topic(rank: int) -> bytes:
@@ -162,6 +166,7 @@ class MicroBatchSender(Protocol):
 
     def wait_ready(self, timeout_s: float | None = None) -> None: ...
     def send_step(self, step: int, per_rank: Sequence[Sequence[dict]]) -> int: ...
+    def recv_result(self, step: int, timeout_s: float | None = None) -> dict: ...
     def close(self) -> None: ...
 
 
@@ -171,6 +176,7 @@ class MicroBatchReceiver(Protocol):
     rank: int
 
     def recv_step(self, step: int) -> list[dict]: ...
+    def send_result(self, step: int, result: dict) -> None: ...
     def close(self) -> None: ...
 
 
@@ -244,6 +250,19 @@ class ZmqSender:
                     if frame[:1] == b"\x01" and frame[1:].startswith(b"rank|"):
                         subscribed.add(int(frame[1:].split(b"|")[1]))
 
+    def recv_result(self, step: int, timeout_s: float | None = None) -> dict:
+        """A rank's result of ``step`` (sent back on the READY channel); ``ReceiveTimeoutError`` after ``timeout_s``."""
+        timeout_s = self.limits.recv_timeout_s if timeout_s is None else timeout_s
+        if not self._ready.poll(int(timeout_s * 1000)):
+            raise ReceiveTimeoutError(f"no result of step {step} from the ranks within {timeout_s:.1f}s")
+        frames = self._ready.recv_multipart()
+        if len(frames) != 3 or frames[0] != _RESULT:
+            raise TransportError(f"malformed result message: {frames!r:.120}")
+        got = _STEP.unpack(frames[1])[0]
+        if got != step:
+            raise StepMismatchError(f"expected the result of step {step}, got step {got}'s")
+        return json.loads(frames[2])
+
     def send_step(self, step: int, per_rank: Sequence[Sequence[dict]]) -> int:
         """Send each rank its micro-batches for ``step`` as ``[topic, step, payload]``; returns bytes sent."""
         if len(per_rank) != self.world_size:
@@ -306,6 +325,10 @@ class ZmqReceiver:
         self.bytes_received += len(frames[2])
         return decode_payload(frames[2])
 
+    def send_result(self, step: int, result: dict) -> None:
+        """This rank's result of ``step`` (JSON-able) back to the packer."""
+        self._push.send_multipart([_RESULT, _STEP.pack(step), json.dumps(result).encode()])
+
     def close(self) -> None:
         self._sub.close(0)
         self._push.close(0)
@@ -326,6 +349,7 @@ class InMemoryHub:
         self.limits = limits
         self._queues: list[queue.Queue[tuple[int, bytes]]] = [queue.Queue(limits.high_water_mark) for _ in range(world_size)]
         self._ready: set[int] = set()
+        self._results: queue.Queue[tuple[int, dict]] = queue.Queue()
 
     def sender(self) -> _InMemorySender:
         return _InMemorySender(self)
@@ -361,6 +385,16 @@ class _InMemorySender:
         self.bytes_sent += sent
         return sent
 
+    def recv_result(self, step: int, timeout_s: float | None = None) -> dict:
+        timeout_s = self.hub.limits.recv_timeout_s if timeout_s is None else timeout_s
+        try:
+            got, result = self.hub._results.get(timeout=timeout_s)
+        except queue.Empty as exc:
+            raise ReceiveTimeoutError(f"no result of step {step} from the ranks within {timeout_s:.1f}s") from exc
+        if got != step:
+            raise StepMismatchError(f"expected the result of step {step}, got step {got}'s")
+        return result
+
     def close(self) -> None:
         pass
 
@@ -380,6 +414,9 @@ class _InMemoryReceiver:
             ) from exc
         self._steps.check(step, got)
         return decode_payload(payload)
+
+    def send_result(self, step: int, result: dict) -> None:
+        self.hub._results.put((step, json.loads(json.dumps(result))))  # what the wire would carry
 
     def close(self) -> None:
         pass
