@@ -1,12 +1,8 @@
 """``mmref rl`` against a separate ``mmref serve`` process (``inference.url``) over loopback: the run's
 rewards, weight versions pushed to that server, and a server of another model refused with one typed line."""
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from rich.console import Console
 
@@ -16,6 +12,7 @@ from mmref.trainer.environments import run_environment
 from mmref.trainer.errors import InferenceUnreachableError, ServedModelMismatchError
 from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.rl import run_rl, write_task_model_dir
+from mmref.trainer.serve_process import ServeProcess
 from mmref.trainer.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,44 +26,13 @@ def _model_dir(directory: Path, seed: int) -> Path:
     return write_task_model_dir(config, vocabulary_of(run_environment(config)))
 
 
-class Server:
-    """``mmref serve --model DIR`` in its own process on a free loopback port."""
-
-    def __init__(self, model: Path, store: Path, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self._log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "serve", "--model", str(model),
-                                      "--store", str(store), "--port", self.url.rsplit(":", 1)[1]],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        self.log = log
-
-    def wait(self, timeout_s: float = 120) -> "Server":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                httpx.get(f"{self.url}/health", timeout=1).raise_for_status()
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError(f"mmref serve did not answer in {timeout_s}s: {self.log.read_text()}")
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=5).json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """The run's model served, and a model of the same shape from another seed served beside it."""
     root = tmp_path_factory.mktemp("remote")
     model, other = _model_dir(root / "a", seed=0), _model_dir(root / "b", seed=1)
     store = root / "shared-store"
-    started = [Server(model, store, root / "serve.log"), Server(other, store, root / "serve-other.log")]
+    started = [ServeProcess(model, store, root / "serve.log"), ServeProcess(other, store, root / "serve-other.log")]
     try:
         yield model, store, [s.wait() for s in started]
     finally:
