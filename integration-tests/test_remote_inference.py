@@ -1,6 +1,11 @@
 """``mmref rl`` against a separate ``mmref serve`` process (``inference.url``) over loopback: the run's
-rewards, weight versions pushed to that server, and a server of another model refused with one typed line."""
+rewards, weight versions pushed to that server, a server of another model refused with one typed line, and
+the three roles (server, orchestrator, trainer rank started by hand) as separate processes."""
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,33 @@ def test_vllm_engine_in_process_is_refused_but_a_remote_transformers_server_is_a
         run_rl(load_run_config(CONFIG, base), Console(quiet=True))
     with pytest.raises(ServedModelMismatchError, match="has engine 'transformers' but this run needs 'vllm'"):
         run_rl(load_run_config(CONFIG, [*base, f"inference.url='{server.url}'"]), Console(quiet=True))
+
+
+@pytest.mark.timeout(300)
+def test_three_roles_as_separate_processes_server_orchestrator_and_external_trainer_rank(servers, tmp_path):
+    model, store, _ = servers
+    out = tmp_path / "run"
+    with ServeProcess(model, store, tmp_path / "serve.log") as server:
+        sets = [f"inference.url='{server.url}'", f"model.path='{model}'", f"store='{store}'", "train.nproc=1",
+                "train.launch='external'", "train.rank_timeout_s=120", "train.transport.bind_host='0.0.0.0'",
+                "train.transport.connect_host='localhost'", "rollout.prompts_per_step=2", "rollout.group_size=2"]
+        orchestrator = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "rl", CONFIG, "--max-steps", "2",
+                                         "--output-dir", str(out), *[a for s in sets for a in ("--set", s)]],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            job = out / "trainer-job.json"
+            deadline = time.monotonic() + 120
+            while not job.exists():
+                assert orchestrator.poll() is None and time.monotonic() < deadline, orchestrator.communicate()[0]
+                time.sleep(0.2)
+            assert json.loads(job.read_text())["pub_address"].startswith("tcp://localhost:")
+            trainer = subprocess.run([sys.executable, "-m", "mmref.trainer.cli", "train", str(job),
+                                      "--master-port", str(free_port())], capture_output=True, text=True, timeout=240)
+            output, _ = orchestrator.communicate(timeout=60)
+        finally:
+            if orchestrator.poll() is None:
+                orchestrator.kill()
+        assert trainer.returncode == 0, trainer.stdout[-2000:] + trainer.stderr[-2000:]
+        assert orchestrator.returncode == 0, output[-3000:]
+        assert "mmref train" in output and server.health()["weight_version"] == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
