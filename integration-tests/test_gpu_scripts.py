@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,23 @@ def test_dry_run_skips_wheels_of_installed_packages_and_prints_the_pythonpath(tm
     parts = path_line.split("=", 1)[1].split(":")
     assert parts == [str(tmp_path / "site"), *(str(ROOT / "packages" / p / "src") for p in ("renderers", "client", "trainer"))]
     assert not (tmp_path / "site").exists()  # a dry run installs nothing
+
+
+def test_install_only_puts_missing_wheels_on_the_printed_pythonpath(tmp_path):
+    # uv's venv has no pip, so this is the unzip path; a python with pip runs pip install --no-index
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "mmref_offline_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("mmref_offline_probe.py", "ANSWER = 42\n")
+        whl.writestr("mmref_offline_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: mmref-offline-probe\n"
+                                                                    "Version: 1.0\n")
+    done = _run("--install-only", wheels=wheels, target=tmp_path / "site")
+    assert done.returncode == 0, done.stderr
+    pythonpath = done.stdout.splitlines()[-1].split("=", 1)[1]
+    probe = subprocess.run([sys.executable, "-c", "import mmref_offline_probe, mmref.trainer.smoke; "
+                            "print(mmref_offline_probe.ANSWER)"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": pythonpath}, timeout=60)
+    assert probe.stdout.strip() == "42", probe.stderr
 
 
 @pytest.mark.timeout(150)

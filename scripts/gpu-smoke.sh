@@ -3,11 +3,13 @@
 #
 #   scripts/gpu-smoke.sh                 # tiny model, then Qwen2.5-VL-3B width; one JSON line
 #   scripts/gpu-smoke.sh --dry-run       # print what it would install and the PYTHONPATH, then stop
+#   scripts/gpu-smoke.sh --install-only  # install, print, stop
 #   scripts/gpu-smoke.sh --device cpu --tiny-only   # other arguments go to python -m mmref.trainer.smoke
 #
 # Needs: CUDA, a python with torch and transformers (PYTHON, default python3), and the wheels
 # of scripts/gpu-wheels.sh in .gpu-wheels/ (GPU_WHEELS). Wheels of packages that python already
-# has are skipped; the rest go into .gpu-site/ (GPU_TARGET) with pip --no-index --no-deps.
+# has are skipped; the rest go into .gpu-site/ (GPU_TARGET) with pip --no-index --no-deps (or, for a
+# python without pip, unzipped there: a wheel is a zip of its site-packages files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -15,9 +17,14 @@ WHEELS="${GPU_WHEELS:-.gpu-wheels}"
 TARGET="${GPU_TARGET:-.gpu-site}"
 case "$TARGET" in /*) ;; *) TARGET="$PWD/$TARGET" ;; esac
 DRY_RUN=0
+INSTALL_ONLY=0
 args=()
 for arg in "$@"; do
-  if [ "$arg" = "--dry-run" ]; then DRY_RUN=1; else args+=("$arg"); fi
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    --install-only) INSTALL_ONLY=1 ;;
+    *) args+=("$arg") ;;
+  esac
 done
 
 missing=()
@@ -38,8 +45,13 @@ if [ "$DRY_RUN" = 1 ]; then exit 0; fi
 rm -rf "$TARGET"
 mkdir -p "$TARGET"
 if [ "${#missing[@]}" -gt 0 ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --target "$TARGET" "${missing[@]}"
+  if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$TARGET" "${missing[@]}"
+  else
+    for whl in "${missing[@]}"; do "$PYTHON" -m zipfile -e "$whl" "$TARGET"; done
+  fi
 fi
+if [ "$INSTALL_ONLY" = 1 ]; then exit 0; fi
 "$PYTHON" -c 'import mmref.trainer.smoke' || {
   echo "gpu-smoke: mmref does not import with these wheels; run scripts/gpu-wheels.sh on a machine with registry access (PY_VERSION = this python's)" >&2
   exit 2
