@@ -11,6 +11,7 @@ from mmref.trainer.errors import ReadyTimeoutError, ReceiveTimeoutError, StepMis
 from mmref.trainer.transport import (
     InMemoryHub,
     TransportAddresses,
+    TransportEndpoints,
     TransportLimits,
     ZmqReceiver,
     ZmqSender,
@@ -277,3 +278,10 @@ def test_pixel_keys_beside_or_inside_compacted_lists_are_still_refused():
         encode_payload([{"rows": [{"token_ids": [7] * 64, "pixel_values": [0.5] * 64}]}])
     with pytest.raises(RefError, match="image_embeds"):
         encode_payload([{"rows": [[{"image_embeds": 1}] * 20]}])
+
+
+def test_endpoints_bind_one_host_and_give_ranks_another_on_the_same_ports():
+    endpoints = TransportEndpoints.of("0.0.0.0", "trainer-head", 5555, 5556)
+    assert (endpoints.bind.pub, endpoints.bind.ready) == ("tcp://0.0.0.0:5555", "tcp://0.0.0.0:5556")
+    assert (endpoints.connect.pub, endpoints.connect.ready) == ("tcp://trainer-head:5555", "tcp://trainer-head:5556")
+    assert TransportEndpoints.of("::1", None, 1, 2).connect.pub == "tcp://[::1]:1"

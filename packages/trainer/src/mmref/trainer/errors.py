@@ -12,7 +12,9 @@ Each names the image (asset, sha256), the expected and actual values, and the st
           ├── ModelDirError (ValueError)        a model directory that cannot be trained or served (see policy)
           │    ├── IncompleteModelDirError (FileNotFoundError)  no config.json, weights, tokenizer or processor config
           │    ├── UnsupportedModelError                       a model_type with no trainable mmref family
-          │    └── ProcessorConfigError                        a processor config the layout math cannot reproduce
+          │    ├── ProcessorConfigError                        a processor config the layout math cannot reproduce
+          │    └── ServedModelMismatchError                    a remote server serving another model (see remote)
+          ├── InferenceUnreachableError (ConnectionError)  inference.url does not answer as an mmref server
           └── TransportError (RuntimeError)     the micro-batch transport (see transport)
                ├── ReadyTimeoutError (TimeoutError)    ranks that never sent READY; names them
                ├── ReceiveTimeoutError (TimeoutError)  no micro-batches within the receive timeout
@@ -82,3 +84,11 @@ class StepMismatchError(TransportError):
 
 class TrainerJobError(TrainerError, RuntimeError):
     """The torchrun trainer ranks of a run exited or stopped answering (the message has their log's tail)."""
+
+
+class ServedModelMismatchError(ModelDirError):
+    """A remote inference server whose model (fingerprint, identity, engine, version) is not the run's."""
+
+
+class InferenceUnreachableError(TrainerError, ConnectionError):
+    """``inference.url`` does not answer ``GET /v1/models`` as an mmref inference server."""

@@ -32,6 +32,8 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
     if checkpoint is not None:
         config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
     version = weight_version_of(config.model.path) if config.model.path else 0
+    # The checkpoint is served here, in process: a remote inference.url serves the run's own weights.
+    config = config.model_copy(update={"inference": config.inference.model_copy(update={"url": None})})
     out = Path(config.output_dir) / "eval"
     orch = Orchestrator(config, out, console)
     with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url, \

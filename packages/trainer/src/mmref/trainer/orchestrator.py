@@ -46,9 +46,11 @@ from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.job import DistributedJob
 from mmref.trainer.loggers import Loggers
+from mmref.trainer.model_identity import model_identity
 from mmref.trainer.models import image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.policy_setup import build_policy, pick_device
+from mmref.trainer.remote import ExpectedModel, RemoteEngineCounters
 from mmref.trainer.report import RolloutRecord, TurnRecord
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import RunConfig
@@ -89,15 +91,12 @@ class Orchestrator:
         self.model_dir, self.family = loaded.path, loaded.family
         self.tokenizer, self.policy = loaded.tokenizer, loaded.model
         self.spec, self.processor = loaded.spec, loaded.processor
-        serve_model = copy.deepcopy(self.policy)
-        self.device = device = pick_device(config)
-        self.store = ImageStore(run_dir / "store")
+        self.device = pick_device(config)
+        self.store = ImageStore(config.store or run_dir / "store")
         self.renderer = create_renderer(self.tokenizer, self.family, spec=self.spec)
-        banned = image_token_ids_of(self.policy)
-        engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
-                                    pad_token_id=self.renderer.stop_token_ids[0], device=device)
-        self.served = ServedModel(config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
-                                  engine, self.renderer.image_pad_id)
+        # With inference.url the server is another process (maybe another host): nothing to serve here.
+        self.served = None if config.inference.url else self.local_served()
+        self.engine = self.served.engine if self.served else RemoteEngineCounters(config.inference.url)
         self.rng = random.Random(config.seed)
         self.loggers = Loggers.open(config.log, run_dir, config.model_dump())
         self.agents: AgentHost | None = None  # the interception server, when the environment is agent code
@@ -106,12 +105,25 @@ class Orchestrator:
         """The interception server for an agent environment (its sessions feed ``collect``); else nothing."""
         if not is_agent(self.env):
             return contextlib.nullcontext()
-        return host_agents(self.renderer, self.store, inference_url, self.served.name, self.config.inference.host,
+        return host_agents(self.renderer, self.store, inference_url, self.config.model.path or f"tiny-{self.family}", self.config.inference.host,
                            self.config.rollout.concurrency)
+
+    def local_served(self) -> ServedModel:
+        """A copy of the policy behind the transformers engine, for the in-process server."""
+        engine = TransformersEngine(copy.deepcopy(self.policy), image_token_ids_of(self.policy),
+                                    self.renderer.stop_token_ids, pad_token_id=self.renderer.stop_token_ids[0],
+                                    device=self.device)
+        return ServedModel(self.config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
+                           engine, self.renderer.image_pad_id)
+
+    def expected_model(self) -> ExpectedModel:
+        """What a remote server must serve: this run's model directory, fresh, on the configured engine."""
+        return ExpectedModel(self.spec.fingerprint, model_identity(self.model_dir), self.config.inference.engine)
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
-        config, checkpoints = self.config, self.run.root / "checkpoints"
+        # Absolute: a remote server and trainer nodes read these paths (on a shared filesystem).
+        config, checkpoints = self.config, self.run.root.resolve() / "checkpoints"
         if config.train.nproc == 0:
             trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
                                     processor=self.processor, config=config.train,
@@ -120,14 +132,19 @@ class Orchestrator:
             return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
                                     exports=self.step_exports(trainer.model))
         timeout = config.train.rank_timeout_s
+        if config.train.launch == "external":
+            self.console.print(f"waiting up to {timeout:.0f}s for {config.train.nproc} trainer rank(s): on each trainer "
+                               f"node run `mmref train {self.run.root.resolve() / 'trainer-job.json'} --nnodes N "
+                               "--node-rank R --nproc-per-node P --master-addr HOST`")
         job = DistributedJob(
             family=self.family, store_root=str(self.store.root), pub_address="", ready_address="",
             steps=config.max_steps, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
             model_path=str(self.model_dir), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train)
-        return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1],
-                               exports=self.step_exports(self.policy))
+        return TorchrunTrainer(job, config.train.nproc, self.run.root.resolve(), timeout,
+                               threads=self.threads_per_role()[1], exports=self.step_exports(self.policy),
+                               transport=config.train.transport, launch=config.train.launch)
 
     def step_exports(self, model: Any) -> StepExports:
         """``checkpoints/step_N`` model directories of ``model`` with this run's tokenizer and processor."""
@@ -154,7 +171,7 @@ class Orchestrator:
         ids = [f"s{step}-p{prompt}" for prompt in range(len(seeds))]
         if self.agents is not None:  # the agents reach the server through the host (evals of agents count here too)
             client = self.agents.client
-        sent, requests, engine = client.bytes_sent, client.requests, self.served.engine
+        sent, requests, engine = client.bytes_sent, client.requests, self.engine
         clock, generated, batches, start = RolloutClock(), engine.generate_s, engine.batches, time.perf_counter()
         if self.agents is not None:  # agent code against its own session URL; requests go through the host
             batch, dropped = await play_agent_groups(self.env, seeds, ids, cfg.group_size, self.agents,
@@ -315,9 +332,9 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
             samples = orch.samples(traces)
             samples_s, mark = time.perf_counter() - mark, time.perf_counter()
             rows = pack(samples, config.train.max_seq_len)
-            pack_s, mark, loaded = time.perf_counter() - mark, time.perf_counter(), orch.served.engine.load_s
+            pack_s, mark, loaded = time.perf_counter() - mark, time.perf_counter(), orch.engine.load_s
             step_metrics = await trainer.step(step, rows)  # returns once the server has the new weights
-            trainer_s, weight_load_s = time.perf_counter() - mark, orch.served.engine.load_s - loaded
+            trainer_s, weight_load_s = time.perf_counter() - mark, orch.engine.load_s - loaded
             train_s = time.perf_counter() - start - rollout_s
             if config.max_async == 0 and step + 1 < config.max_steps:
                 pending = asyncio.create_task(orch.collect(client, step + 1))

@@ -4,7 +4,8 @@
       -> traces -> GRPO samples -> packed micro-batches (refs) -> materialize -> step
       -> checkpoint -> POST /update_weights -> next step
 
-The inference server runs in this process behind uvicorn on a loopback port (real HTTP).
+The inference server runs in this process behind uvicorn on a loopback port (real HTTP), or
+is a running ``mmref serve`` at ``inference.url`` (checked to serve this run's model).
 The policy trains on ``train.nproc`` torchrun ranks fed micro-batches of refs over ZMQ
 (rank 0 writes each step's weights and POSTs ``/update_weights``), or in this process when
 ``train.nproc = 0``. The run directory holds the config, metrics.jsonl, rollouts.jsonl,
@@ -23,9 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mmref.trainer.inference.server import create_app
-from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.orchestrator import Orchestrator, train_loop
+from mmref.trainer.remote import rollout_server
 from mmref.trainer.report import RolloutRecord, read_jsonl, write_reward_curve, write_viewer
 from mmref.trainer.run_config import ConfigError, RunConfig
 from mmref.trainer.step_record import StepRecord
@@ -44,15 +44,15 @@ class RunSummary:
 
 def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
     """Run ``config`` to completion; always shuts the server down."""
-    if config.inference.engine != "transformers":
-        raise ConfigError(f"inference.engine = {config.inference.engine!r}: mmref rl samples with its built-in "
-                          "transformers engine only; vLLM serves checkpoints with `mmref serve --engine vllm`")
+    if config.inference.engine != "transformers" and not config.inference.url:
+        raise ConfigError(f"inference.engine = {config.inference.engine!r}: mmref rl samples in process with its "
+                          "built-in transformers engine only; for vLLM start `mmref serve --engine vllm --model DIR` "
+                          "and set inference.url to it")
     console = console or Console()
     run_dir = Path(config.output_dir)
     start = time.perf_counter()
     orch = Orchestrator(config, run_dir, console)
-    app = create_app(orch.served, orch.store)
-    with serve_in_thread(app, config.inference.host, config.inference.port) as url, Progress(
+    with rollout_server(orch.served, orch.store, config.inference, orch.expected_model()) as url, Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting", total=config.max_steps)
         try:

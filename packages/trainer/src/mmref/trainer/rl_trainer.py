@@ -30,8 +30,9 @@ from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.job import DistributedJob, zero_loss_pad
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
+from mmref.trainer.run_config import TransportConfig
 from mmref.trainer.step import PolicyTrainer
-from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqSender, deal
+from mmref.trainer.transport import TransportEndpoints, TransportLimits, ZmqSender, deal
 
 # A wait for rank 0's result returns as soon as it arrives; between slices the job is checked for a dead rank.
 _RESULT_SLICE_S = 0.2
@@ -51,6 +52,13 @@ def cpu_threads_per_role(cpus: int, nproc: int, overlapped: bool) -> tuple[int, 
         return cpus, max(1, cpus // nproc)
     sampler = max(1, cpus // 2)
     return sampler, max(1, (cpus - sampler) // nproc)
+
+
+def transport_endpoints(config: TransportConfig) -> TransportEndpoints:
+    """The configured bind and connect addresses; a port of 0 becomes a free one on ``bind_host``."""
+    pub = config.pub_port or free_port(config.bind_host)
+    ready = config.ready_port or free_port(config.bind_host)
+    return TransportEndpoints.of(config.bind_host, config.connect_host, pub, ready)
 
 
 class RLTrainer(Protocol):
@@ -92,16 +100,18 @@ class TorchrunTrainer:
     """``nproc`` torchrun ranks running ``mmref.trainer.train`` on ``job``; micro-batches go over ZMQ."""
 
     def __init__(self, job: DistributedJob, nproc: int, run_dir: Path, timeout_s: float,
-                 threads: int | None = None, exports: StepExports | None = None) -> None:
-        addresses = TransportAddresses.loopback(free_port(), free_port())
-        self.job = job.model_copy(update={"pub_address": addresses.pub, "ready_address": addresses.ready,
+                 threads: int | None = None, exports: StepExports | None = None,
+                 transport: TransportConfig = TransportConfig(), launch: str = "local") -> None:
+        endpoints = transport_endpoints(transport)
+        self.job = job.model_copy(update={"pub_address": endpoints.connect.pub,
+                                          "ready_address": endpoints.connect.ready,
                                           "metrics_path": str(run_dir / "trainer.jsonl")})
-        self.nproc, self.run_dir, self.timeout_s = nproc, run_dir, timeout_s
+        self.nproc, self.run_dir, self.timeout_s, self.launch = nproc, run_dir, timeout_s, launch
         self.threads = threads  # OMP_NUM_THREADS of each rank (None: torchrun's default)
         self.exports = exports  # fed from the weights rank 0 writes for the server (job.checkpoint_dir)
         self.metrics_path = Path(self.job.metrics_path)
         self.log_path = run_dir / "trainer.log"
-        self.sender = ZmqSender(addresses, nproc, TransportLimits(recv_timeout_s=timeout_s))
+        self.sender = ZmqSender(endpoints.bind, nproc, TransportLimits(recv_timeout_s=timeout_s))
         self._proc = None
         self._log: IO[str] | None = None
 
@@ -111,9 +121,11 @@ class TorchrunTrainer:
         job_path.write_text(self.job.model_dump_json(indent=2))
         self.metrics_path.write_text("")
         self._log = self.log_path.open("w")
-        env = {"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
-        config = LaunchConfig(nproc_per_node=self.nproc, master_port=free_port(), timeout_s=self.timeout_s, env=env)
-        self._proc = spawn(["-m", "mmref.trainer.train", str(job_path)], config, self._log)
+        if self.launch == "local":  # "external": `mmref train JOB` runs on the trainer nodes
+            env = {"OMP_NUM_THREADS": str(self.threads)} if self.threads else {}
+            config = LaunchConfig(nproc_per_node=self.nproc, master_port=free_port(), timeout_s=self.timeout_s,
+                                  env=env)
+            self._proc = spawn(["-m", "mmref.trainer.train", str(job_path)], config, self._log)
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
@@ -156,6 +168,8 @@ class TorchrunTrainer:
                               f"{self._log_tail()}")
 
     def _check_alive(self, stage: str) -> None:
+        if self._proc is None:  # external ranks: the ready and step timeouts bound the wait
+            return
         code = self._proc.poll()
         if code is not None:
             raise TrainerJobError(f"trainer ranks exited with code {code} while {stage}{self._log_tail()}")

@@ -74,6 +74,19 @@ class RolloutConfig(_Section):
     credit: Literal["episode", "turn"] = "episode"
 
 
+class TransportConfig(_Section):
+    """Where the micro-batch sockets live: this process binds ``bind_host``, the ranks connect to ``connect_host``.
+
+    Loopback by default; for ranks on other nodes bind ``0.0.0.0`` (or an interface) and give
+    the ranks this host's name. Ports 0 pick free ones (only sensible with local ranks).
+    """
+
+    bind_host: str = "127.0.0.1"
+    connect_host: str | None = None  # None: bind_host
+    pub_port: int = Field(0, ge=0, le=65535)
+    ready_port: int = Field(0, ge=0, le=65535)
+
+
 class TrainConfig(_Section):
     """Optimizer and batch shape of the trainer ranks."""
 
@@ -97,6 +110,11 @@ class TrainConfig(_Section):
     nproc: int = Field(1, ge=0)
     rank_timeout_s: float = Field(600.0, gt=0)  # bounds every wait of a rank: start-up, next step, collectives
     missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"
+    # "local": this process starts torchrun with `nproc` ranks; "external": it writes
+    # <output_dir>/trainer-job.json and waits for `nproc` ranks started elsewhere
+    # (`mmref train <output_dir>/trainer-job.json --nnodes ...` on each trainer node).
+    launch: Literal["local", "external"] = "local"
+    transport: TransportConfig = TransportConfig()
 
 
 class EvalConfig(_Section):
@@ -115,9 +133,17 @@ class EvalConfig(_Section):
 
 
 class InferenceConfig(_Section):
-    """The inference server the rollouts call."""
+    """The inference server the rollouts call: started in this process, or a running ``mmref serve`` at ``url``.
+
+    With ``url`` the server must serve this run's model directory (``model.path``; checked
+    against its ``/v1/models`` fingerprint and identity), read the run's ``store`` and read
+    the checkpoints the trainer writes under ``output_dir``: a shared filesystem.
+    ``host``/``port`` are the in-process server's; ``engine = "vllm"`` needs ``url`` (a
+    ``mmref serve --engine vllm`` server).
+    """
 
     engine: Literal["transformers", "vllm"] = "transformers"
+    url: str | None = Field(None, pattern=r"^https?://")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
 
@@ -150,6 +176,7 @@ class RunConfig(_Section):
     max_async: int = Field(1, ge=0, le=1)  # 0: sample, then train; 1: sample the next batch while training (lag <= 1)
     seed: int = 0
     output_dir: str = "runs/color-codeword"
+    store: str | None = None  # image store root (directory or fsspec URL) every role reads; None: <output_dir>/store
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = ModelConfig()
     env: EnvConfig = EnvConfig()

@@ -55,7 +55,36 @@ class TransportAddresses:
 
     @classmethod
     def loopback(cls, pub_port: int, ready_port: int) -> TransportAddresses:
-        return cls(pub=f"tcp://127.0.0.1:{pub_port}", ready=f"tcp://127.0.0.1:{ready_port}")
+        return cls.on("127.0.0.1", pub_port, ready_port)
+
+    @classmethod
+    def on(cls, host: str, pub_port: int, ready_port: int) -> TransportAddresses:
+        """``tcp://host:port`` for both sockets; ``[::1]``-style brackets for IPv6 hosts.
+
+        >>> TransportAddresses.on("0.0.0.0", 5555, 5556).pub
+        'tcp://0.0.0.0:5555'
+        """
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return cls(pub=f"tcp://{host}:{pub_port}", ready=f"tcp://{host}:{ready_port}")
+
+
+@dataclass(frozen=True)
+class TransportEndpoints:
+    """Where the packer binds (``bind``) and where ranks, maybe on other nodes, connect (``connect``).
+
+        >>> e = TransportEndpoints.of("0.0.0.0", "orchestrator", 5555, 5556)
+        >>> e.bind.pub, e.connect.pub
+        ('tcp://0.0.0.0:5555', 'tcp://orchestrator:5555')
+    """
+
+    bind: TransportAddresses
+    connect: TransportAddresses
+
+    @classmethod
+    def of(cls, bind_host: str, connect_host: str | None, pub_port: int, ready_port: int) -> TransportEndpoints:
+        connect = connect_host or bind_host
+        return cls(TransportAddresses.on(bind_host, pub_port, ready_port),
+                   TransportAddresses.on(connect, pub_port, ready_port))
 
 
 @dataclass(frozen=True)

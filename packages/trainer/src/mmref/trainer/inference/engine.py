@@ -40,6 +40,7 @@ _ANNOUNCED: ContextVar[bool] = ContextVar("mmref_engine_announced", default=Fals
 class Engine(Protocol):
     """What the server needs from an engine."""
 
+    name: str  # "transformers" or "vllm": what /v1/models reports
     input_kind: Literal["features", "images"]  # processed ImageFeatures, or DecodedImage for engines that process
     max_model_len: int
     vocab_size: int  # rows of the input embedding: valid prompt ids are [0, vocab_size)
@@ -70,6 +71,7 @@ class Job:
 class TransformersEngine:
     """Sampling with a transformers model on CPU or CUDA."""
 
+    name = "transformers"
     input_kind = "features"
 
     def __init__(self, model: torch.nn.Module, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],

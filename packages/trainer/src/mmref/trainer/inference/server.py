@@ -3,9 +3,9 @@
 | endpoint                     | does                                                        |
 |------------------------------|-------------------------------------------------------------|
 | POST /inference/v1/generate  | validate refs, load features (cached), sample, logprobs     |
-| GET  /v1/models              | the served model with ``max_model_len``                     |
+| GET  /v1/models              | the served model: fingerprint, identity, engine, version    |
 | POST /update_weights         | load a checkpoint directory; returns the new weight version |
-| GET  /health                 | liveness                                                    |
+| GET  /health                 | liveness, weight version, engine seconds and batches        |
 | GET  /metrics                | Prometheus text                                             |
 
 Bad input is a 4xx with ``{"error": {"message", "type", "detail"}}``; never a 500.
@@ -30,6 +30,9 @@ from mmref.trainer.inference.metrics import ServerMetrics
 from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.inference.validate import RequestError, validate_request
 from mmref.trainer.pixels import decoded_image, process_pixels
+
+
+ENGINE_COUNTERS = ("generate_s", "batches", "load_s")  # cumulative, reported by GET /health
 
 
 def error_response(status: int, message: str, kind: str, detail: dict | None = None) -> JSONResponse:
@@ -75,7 +78,9 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
         return {"object": "list", "data": [{"id": served.name, "object": "model", "owned_by": "mmref",
                                             "family": served.family, "fingerprint": served.spec.fingerprint,
                                             "max_model_len": served.engine.max_model_len,
-                                            "weight_version": served.engine.weight_version}]}
+                                            "weight_version": served.engine.weight_version,
+                                            "identity": served.identity,
+                                            "engine": getattr(served.engine, "name", "transformers")}]}
 
     @app.post("/update_weights")
     async def update_weights(body: UpdateWeightsRequest) -> JSONResponse:
@@ -91,7 +96,9 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "weight_version": served.engine.weight_version}
+        engine = served.engine  # seconds and batches: what a remote orchestrator times its steps with
+        return {"status": "ok", "weight_version": engine.weight_version,
+                **{key: getattr(engine, key) for key in ENGINE_COUNTERS if hasattr(engine, key)}}
 
     @app.get("/metrics")
     async def metrics_page() -> PlainTextResponse:

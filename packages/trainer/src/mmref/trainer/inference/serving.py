@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from mmref.renderers.layout import LayoutSpec
 from mmref.renderers.tokenizer import qwen2_tokenizer
 from mmref.trainer.inference.engine import Engine, TransformersEngine
+from mmref.trainer.model_identity import model_identity
 from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.policy import Policy, load_policy
 from mmref.trainer.tiny_dir import write_tiny_model_dir
@@ -35,6 +36,7 @@ class ServedModel:
     processor: Any
     engine: Engine
     image_pad_id: int
+    identity: str = ""  # model_identity of the directory served: a remote trainer checks it is its own
 
 
 def load_served_model(model: str, engine: str = "transformers", device: str = "cpu",
@@ -49,8 +51,10 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
         with tempfile.TemporaryDirectory(prefix="mmref-tiny-") as tmp:
             path = write_tiny_model_dir(model.removeprefix("tiny-"), Path(tmp) / "model", size=tiny_size)
             policy = load_policy(path, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=qwen2_tokenizer())
+            identity = model_identity(path)
     else:
         policy = load_policy(model, min_pixels=min_pixels, max_pixels=max_pixels)
+        identity = model_identity(policy.path)
     stops = stop_token_ids(policy.tokenizer)
     meta = Path(model) / "mmref.json"  # an exported training step knows its weight version
     version = int(json.loads(meta.read_text()).get("weight_version", 0)) if meta.is_file() else 0
@@ -63,7 +67,7 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
     else:
         raise ValueError(f"unknown engine {engine!r}; choose 'transformers' or 'vllm'")
     return ServedModel(model, policy.family, policy.spec, policy.processor, served_engine,
-                       int(policy.model.config.image_token_id))
+                       int(policy.model.config.image_token_id), identity)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

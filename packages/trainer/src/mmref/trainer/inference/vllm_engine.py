@@ -94,6 +94,7 @@ def retie_lm_head_on_worker(worker: Any) -> bool:
 class VLLMEngine:
     """The ``Engine`` protocol over vLLM's ``AsyncLLM`` (continuous batching across requests)."""
 
+    name = "vllm"
     input_kind = "images"
 
     def __init__(self, model_dir: str | Path, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
