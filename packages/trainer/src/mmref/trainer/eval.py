@@ -33,7 +33,7 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
         config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
     version = weight_version_of(config.model.path) if config.model.path else 0
     out = Path(config.output_dir) / "eval"
-    orch = Orchestrator(config, out, console)
+    orch = Orchestrator(config, out, console, "replace")  # a new evaluation replaces the last one
     with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url:
         result = asyncio.run(_evaluate(orch, url, version))
     orch.record(0, [], {"step": 0, "evals": [result.as_dict()]}, [result])

@@ -24,12 +24,13 @@ import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, \
@@ -69,15 +70,14 @@ class StatePlan(BaseModel):
 def save_trainer_state(trainer: PolicyTrainer, directory: str | Path) -> None:
     """Model, optimizer and scheduler into ``directory`` (DCP; a collective: every rank calls it)."""
     model, optimizer = get_state_dict(trainer.model, trainer.optimizer)
-    dcp.save({"model": model, "optimizer": optimizer, "scheduler": trainer.scheduler.state_dict()},
-             checkpoint_id=str(directory), no_dist=_no_dist())
+    _dcp(dcp.save, {"model": model, "optimizer": optimizer, "scheduler": trainer.scheduler.state_dict()}, directory)
 
 
 def load_trainer_state(trainer: PolicyTrainer, directory: str | Path) -> None:
     """What ``save_trainer_state`` wrote, resharded onto this trainer's ranks (every rank calls it)."""
     model, optimizer = get_state_dict(trainer.model, trainer.optimizer)
     state = {"model": model, "optimizer": optimizer, "scheduler": trainer.scheduler.state_dict()}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
+    _dcp(dcp.load, state, directory)
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
@@ -86,7 +86,7 @@ def load_trainer_state(trainer: PolicyTrainer, directory: str | Path) -> None:
 def load_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     """Only the weights of a state into an unsharded ``model`` (the orchestrator's serve model)."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=_no_dist())
+    _dcp(dcp.load, state, directory)
     set_model_state_dict(model, state["model"])
 
 
@@ -228,9 +228,11 @@ def open_run_files(root: Path, files: tuple[Path, ...], start: RunStart) -> None
             path.write_text("")
 
 
-def _no_dist() -> bool:
-    """One process (no process group): DCP reads and writes alone instead of warning that it does."""
-    return not (dist.is_available() and dist.is_initialized())
+def _dcp(operation: Callable[..., Any], state: dict[str, Any], directory: str | Path) -> None:
+    """``dcp.save`` or ``dcp.load``; without a process group DCP works alone and warns so: expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        operation(state, checkpoint_id=str(directory))
 
 
 def _b64(data: bytes) -> str:

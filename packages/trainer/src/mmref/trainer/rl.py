@@ -50,6 +50,7 @@ from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.policy import Policy, load_policy
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
+from mmref.trainer.resume import DrawState, RunStart, RunStates, load_model_weights, open_run_files, restore_trainer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import ConfigError, RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
@@ -73,16 +74,16 @@ class RunSummary:
 
 
 class RunDir:
-    """The files of one run."""
+    """The files of one run; a new run refuses a directory with an earlier run's records (see ``resume``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, start: RunStart = "new") -> None:
         self.root = root
         for sub in ("checkpoints", "store"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.metrics = root / "metrics.jsonl"
         self.rollouts = root / "rollouts.jsonl"
-        for path in (self.metrics, self.rollouts):
-            path.write_text("")
+        open_run_files(root, (self.metrics, self.rollouts), start)
+        self.states = RunStates(root / "checkpoints" / "state")
 
     def append(self, path: Path, line: str) -> None:
         with path.open("a") as f:
@@ -113,9 +114,16 @@ def pick_device(config: RunConfig) -> str:
 class Orchestrator:
     """Owns the loop: rollouts against the server, samples, a training step, weight sync."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, console: Console) -> None:
+    def __init__(self, config: RunConfig, run_dir: Path, console: Console, start: RunStart = "new") -> None:
         self.config, self.console = config, console
-        self.run = RunDir(run_dir)
+        self.run = RunDir(run_dir, start)
+        self.resumed = self.run.states.latest() if start == "resume" else None  # before the model: fail fast
+        if self.resumed is not None:
+            self.resumed.check_fits(config)
+        self.run.states.clear_pending()
+        self.plan = self.run.states.plan(config, self.resumed)  # where and when the trainer saves its state
+        self.start_step = self.plan.start_step
+        self.draws: dict[int, DrawState] = {}  # step -> where the draws stood after its rollouts
         (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
         self.env = run_environment(config)
         self.data_positions: dict[int, dict] = {}  # step -> the env's data position after that step's draws
@@ -126,15 +134,20 @@ class Orchestrator:
         self.tokenizer, self.policy = loaded.tokenizer, loaded.model
         self.spec, self.processor = loaded.spec, loaded.processor
         serve_model = copy.deepcopy(self.policy)
+        if self.resumed is not None:  # the server samples from the restored weights, as weight version N
+            load_model_weights(serve_model, self.resumed.path)
         self.device = device = pick_device(config)
         self.store = ImageStore(run_dir / "store")
         self.renderer = create_renderer(self.tokenizer, self.family, spec=self.spec)
         banned = image_token_ids_of(self.policy)
         engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
-                                    pad_token_id=self.renderer.stop_token_ids[0], device=device)
+                                    pad_token_id=self.renderer.stop_token_ids[0], device=device,
+                                    weight_version=self.start_step)
         self.served = ServedModel(config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
                                   engine, self.renderer.image_pad_id)
         self.rng = random.Random(config.seed)
+        if self.resumed is not None:
+            self.resumed.draws.restore(self.rng, self.env)
         self.loggers = Loggers.open(config.log, run_dir, config.model_dump())
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
@@ -145,15 +158,16 @@ class Orchestrator:
                                     processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
                                     reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
+            restore_trainer(trainer, self.plan)
             return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
-                                    exports=self.step_exports(trainer.model))
+                                    exports=self.step_exports(trainer.model), state=self.plan)
         timeout = config.train.rank_timeout_s
         job = DistributedJob(
             family=self.family, store_root=str(self.store.root), pub_address="", ready_address="",
             steps=config.max_steps, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
             model_path=str(self.model_dir), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
-            train=config.train)
+            train=config.train, state=self.plan)
         return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1],
                                exports=self.step_exports(self.policy))
 
@@ -195,6 +209,7 @@ class Orchestrator:
         # A group's members open alike (same seed): turn one is one n=group_size request per group.
         batch = await play_groups(groups, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
                                   group_ids=ids, clock=clock)
+        self.draws[step] = DrawState.capture(self.rng, self.env)
         dropped += batch.dropped
         self.log_dropped(step, dropped)
         if not batch.groups:
@@ -206,6 +221,14 @@ class Orchestrator:
                  "requests": client.requests - requests, "engine_batches": engine.batches - batches,
                  "dropped": sum(d.size for d in dropped)}
         return batch.traces, client.bytes_sent - sent, times
+
+    def save_state(self, steps_done: int) -> None:
+        """Commit the trainer's state of ``steps_done`` (when due) with where this step's draws stood."""
+        draws = self.draws.pop(steps_done - 1)
+        for step in [s for s in self.draws if s < steps_done]:
+            del self.draws[step]
+        if self.plan.due(steps_done):
+            self.run.states.commit(steps_done, self.config, draws)
 
     def log_dropped(self, step: int, dropped: list[DroppedGroup]) -> None:
         """Each dropped group on the console, with the environment's traceback in ``env_errors.log``."""
@@ -317,9 +340,10 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
     connections = config.rollout.concurrency
     async with TrainClient(base_url, max_connections=connections) as client, \
             TrainClient(base_url, max_connections=connections) as eval_client:
-        evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training else []
-        pending = asyncio.create_task(orch.collect(client, 0))
-        for step in range(config.max_steps):
+        first = orch.start_step  # 0, or the steps a resumed run had done
+        evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training and first == 0 else []
+        pending = asyncio.create_task(orch.collect(client, first))
+        for step in range(first, config.max_steps):
             start = time.perf_counter()
             traces, request_bytes, rollout_times = await pending
             rollout_s = time.perf_counter() - start  # the wait for this step's rollouts
@@ -357,6 +381,7 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
             if evals:
                 metrics["evals"] = [e.as_dict() for e in evals]
             orch.record(step, traces, metrics, evals)
+            orch.save_state(step + 1)
             evals = []
             history.append(metrics)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "
@@ -364,24 +389,26 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
     return history
 
 
-def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
-    """Run ``config`` to completion; always shuts the server down."""
+def run_rl(config: RunConfig, console: Console | None = None, resume: bool = False) -> RunSummary:
+    """Run ``config`` to completion (``resume``: from the newest state in its output directory, appending to its
+    records); always shuts the server down."""
     if config.inference.engine != "transformers":
         raise ConfigError(f"inference.engine = {config.inference.engine!r}: mmref rl samples with its built-in "
                           "transformers engine only; vLLM serves checkpoints with `mmref serve --engine vllm`")
     console = console or Console()
     run_dir = Path(config.output_dir)
     start = time.perf_counter()
-    orch = Orchestrator(config, run_dir, console)
+    orch = Orchestrator(config, run_dir, console, "resume" if resume else "new")
     app = create_app(orch.served, orch.store)
     with serve_in_thread(app, config.inference.host, config.inference.port) as url, Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("starting", total=config.max_steps)
+        task = progress.add_task("starting", total=config.max_steps, completed=orch.start_step)
         try:
             history = asyncio.run(_loop(orch, url, progress, task))
         finally:
             orch.loggers.close()
-    write_reward_curve(history, run_dir / "reward.png", chance=getattr(orch.env, "chance", None))
+    write_reward_curve(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "reward.png",  # a resumed run's too
+                       chance=getattr(orch.env, "chance", None))
     write_viewer(run_dir, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(run_dir / "rollouts.jsonl")])
     summary = RunSummary(run_dir, len(history), history[-1]["reward_mean"],
                          sum(m["reward_mean"] for m in history[-5:]) / len(history[-5:]), time.perf_counter() - start)
