@@ -87,3 +87,10 @@ def test_a_two_rank_run_resumes_its_sharded_model_optimizer_and_schedule(tmp_pat
     assert max((served[k] - loaded[k]).abs().max().item() for k in served) == 0.0
     steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {3.0} and trainer.scheduler.last_epoch == 3
+
+
+def test_sft_into_a_directory_with_an_earlier_runs_metrics_is_refused_and_keeps_them(tmp_path, capsys):
+    (tmp_path / "sft_metrics.jsonl").write_text('{"step": 0}\n')
+    assert main(["sft", CONFIG, "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("already holds a run (sft_metrics.jsonl); choose a new --output-dir")
+    assert (tmp_path / "sft_metrics.jsonl").read_text() == '{"step": 0}\n'

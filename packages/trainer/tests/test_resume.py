@@ -127,6 +127,8 @@ def test_a_new_run_refuses_a_directory_with_records_and_a_resumed_one_appends(tm
     files[0].write_text('{"step": 0}\n')
     with pytest.raises(RunDirError, match=r"already holds a run \(metrics.jsonl\); pass --resume .* --output-dir"):
         open_run_files(tmp_path, files, "new")
+    with pytest.raises(RunDirError, match=r"already holds a run \(metrics.jsonl\); choose a new --output-dir$"):
+        open_run_files(tmp_path, files, "new", resumable=False)  # mmref sft: no --resume to offer
     open_run_files(tmp_path, files, "resume")
     assert files[0].read_text() == '{"step": 0}\n'
     open_run_files(tmp_path, files, "replace")

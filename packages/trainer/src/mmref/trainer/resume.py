@@ -211,16 +211,19 @@ class RunStates:
             shutil.rmtree(stale)
 
 
-def open_run_files(root: Path, files: tuple[Path, ...], start: RunStart) -> None:
+def open_run_files(root: Path, files: tuple[Path, ...], start: RunStart, resumable: bool = True) -> None:
     """Create the run's record files: empty for a new run, kept for a resumed one (appended to).
 
     ``RunDirError`` when a new run finds an earlier run's records: nothing is overwritten.
+    ``resumable``: whether the command has ``--resume`` (the error offers it).
     """
     if start == "new":
         earlier = [p.name for p in files if p.exists() and p.stat().st_size > 0]
         if earlier:
-            raise RunDirError(f"{root} already holds a run ({', '.join(earlier)}); pass --resume to continue it "
-                              "or choose a new --output-dir")
+            fix = "pass --resume to continue it or choose a new --output-dir" if resumable else \
+                "choose a new --output-dir"
+            raise RunDirError(f"{root} already holds a run ({', '.join(earlier)}); {fix}")
+    root.mkdir(parents=True, exist_ok=True)
     for path in files:
         if start == "resume":
             path.touch()
