@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from mmref.renderers import ImageStore
@@ -87,6 +88,29 @@ def test_a_two_rank_run_resumes_its_sharded_model_optimizer_and_schedule(tmp_pat
     assert max((served[k] - loaded[k]).abs().max().item() for k in served) == 0.0
     steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {3.0} and trainer.scheduler.last_epoch == 3
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_dataset_run_draws_the_rows_after_the_saved_position(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    colours = ["red", "green", "blue"]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (56, 56), colour).save(data / f"{colour}.png")
+    rows = [(c, "train") for c in colours * 4] + [(c, "eval") for c in colours]  # 12 train rows
+    (data / "data.jsonl").write_text("".join(json.dumps({"images": [f"{c}.png"], "question": "Which colour?",
+                                                         "answer": c, "split": split}) + "\n" for c, split in rows))
+    out, args = tmp_path / "run", [str(ROOT / "examples" / "shapes-dataset.toml"), "--output-dir", str(tmp_path / "run"),
+                                   "--set", "train.nproc=0", "--set", "rollout.prompts_per_step=4",
+                                   "--set", f"env.args.path='{data / 'data.jsonl'}'"]
+    assert main(["rl", *args, "--max-steps", "1"]) == 0
+    state = json.loads((out / "checkpoints" / "state" / "step_1" / "run.json").read_text())
+    assert state["draws"]["data_position"] == {"epoch": 0, "index": 4}
+    assert main(["rl", *args, "--max-steps", "2", "--resume"]) == 0
+    # Rows 4..7 were drawn after the resume: a fresh position would stand at index 4 again.
+    assert json.loads((out / "checkpoints" / "data_position.json").read_text()) == {
+        "step": 1, "position": {"epoch": 0, "index": 8}}
+    assert [m["step"] for m in metrics_of(out)] == [0, 1]
 
 
 def test_sft_into_a_directory_with_an_earlier_runs_metrics_is_refused_and_keeps_them(tmp_path, capsys):
