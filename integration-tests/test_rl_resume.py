@@ -73,6 +73,7 @@ def test_a_two_rank_run_resumes_its_sharded_model_optimizer_and_schedule(tmp_pat
     assert rl(out, 3, *ranks, "--resume") == 0
     metrics = metrics_of(out)
     assert [(m["step"], m["ranks"]) for m in metrics] == [(0, 2), (1, 2), (2, 2)]
+    assert metrics[2]["off_policy_lag"] == 0  # the server sampled step 2 from the restored weights (version 2)
     lr = load_run_config(CONFIG).train.lr
     assert metrics[2]["lr"] == pytest.approx(lr * lr_factor(2, total_steps=3, warmup_steps=4, decay="constant",
                                                             min_ratio=0.0))  # warmup went on at step 2
@@ -100,9 +101,9 @@ def test_a_resumed_dataset_run_draws_the_rows_after_the_saved_position(tmp_path)
     rows = [(c, "train") for c in colours * 4] + [(c, "eval") for c in colours]  # 12 train rows
     (data / "data.jsonl").write_text("".join(json.dumps({"images": [f"{c}.png"], "question": "Which colour?",
                                                          "answer": c, "split": split}) + "\n" for c, split in rows))
-    out, args = tmp_path / "run", [str(ROOT / "examples" / "shapes-dataset.toml"), "--output-dir", str(tmp_path / "run"),
-                                   "--set", "train.nproc=0", "--set", "rollout.prompts_per_step=4",
-                                   "--set", f"env.args.path='{data / 'data.jsonl'}'"]
+    out = tmp_path / "run"
+    args = [str(ROOT / "examples" / "shapes-dataset.toml"), "--output-dir", str(out), "--set", "train.nproc=0",
+            "--set", "rollout.prompts_per_step=4", "--set", f"env.args.path='{data / 'data.jsonl'}'"]
     assert main(["rl", *args, "--max-steps", "1"]) == 0
     state = json.loads((out / "checkpoints" / "state" / "step_1" / "run.json").read_text())
     assert state["draws"]["data_position"] == {"epoch": 0, "index": 4}
@@ -116,5 +117,6 @@ def test_a_resumed_dataset_run_draws_the_rows_after_the_saved_position(tmp_path)
 def test_sft_into_a_directory_with_an_earlier_runs_metrics_is_refused_and_keeps_them(tmp_path, capsys):
     (tmp_path / "sft_metrics.jsonl").write_text('{"step": 0}\n')
     assert main(["sft", CONFIG, "--output-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip().endswith("already holds a run (sft_metrics.jsonl); choose a new --output-dir")
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("already holds a run (sft_metrics.jsonl); choose a new --output-dir") and "\n" not in err
     assert (tmp_path / "sft_metrics.jsonl").read_text() == '{"step": 0}\n'

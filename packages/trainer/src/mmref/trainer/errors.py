@@ -13,7 +13,7 @@ Each names the image (asset, sha256), the expected and actual values, and the st
           │    ├── IncompleteModelDirError (FileNotFoundError)  no config.json, weights, tokenizer or processor config
           │    ├── UnsupportedModelError                       a model_type with no trainable mmref family
           │    └── ProcessorConfigError                        a processor config the layout math cannot reproduce
-          ├── RunDirError (ValueError)          an output directory holding an earlier run, without --resume (see resume)
+          ├── RunDirError (ValueError)          a new run into a directory with an earlier run's records (see resume)
           ├── ResumeError (ValueError)          no saved state to resume, or one saved by another run's config
           └── TransportError (RuntimeError)     the micro-batch transport (see transport)
                ├── ReadyTimeoutError (TimeoutError)    ranks that never sent READY; names them

@@ -9,6 +9,7 @@ The policy trains on ``train.nproc`` torchrun ranks fed micro-batches of refs ov
 (rank 0 writes each step's weights and POSTs ``/update_weights``), or in this process when
 ``train.nproc = 0``. The run directory holds the config, metrics.jsonl, rollouts.jsonl,
 checkpoints, the store, trainer.log (the ranks' output), the reward curve and the viewer.
+``mmref rl CONFIG --resume`` continues a run from its newest saved state (see ``mmref.trainer.resume``).
 """
 
 from __future__ import annotations
