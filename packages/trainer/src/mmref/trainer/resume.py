@@ -64,7 +64,7 @@ class StatePlan(BaseModel):
 
     def pending(self, steps_done: int) -> Path:
         """Where the trainer writes the state of ``steps_done`` before the orchestrator commits it."""
-        return Path(self.root) / f"step_{steps_done}.tmp"
+        return _pending(Path(self.root), steps_done)
 
 
 def save_trainer_state(trainer: PolicyTrainer, directory: str | Path) -> None:
@@ -177,7 +177,7 @@ class RunStates:
 
     def commit(self, steps_done: int, config: RunConfig, draws: DrawState) -> Path:
         """Add ``run.json`` to the trainer's pending state, rename it into place, drop older states."""
-        pending = self.root / f"step_{steps_done}.tmp"
+        pending = _pending(self.root, steps_done)
         if not (pending / ".metadata").is_file():
             raise FileNotFoundError(f"{pending} has no trainer state (.metadata) to commit")
         record = {"steps_done": steps_done, "config": config.model_dump(mode="json"), "draws": draws.to_json()}
@@ -229,6 +229,10 @@ def open_run_files(root: Path, files: tuple[Path, ...], start: RunStart, resumab
             path.touch()
         else:
             path.write_text("")
+
+
+def _pending(root: Path, steps_done: int) -> Path:
+    return root / f"step_{steps_done}.tmp"
 
 
 def _dcp(operation: Callable[..., Any], state: dict[str, Any], directory: str | Path) -> None:
