@@ -22,7 +22,8 @@ def test_every_n_steps_and_the_last_are_exported_and_only_keep_last_stay(tmp_pat
                  "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=1",
                  "--set", "model.max_pixels=6272"]) == 0
     checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_3"]  # step_2 was written, then dropped
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "state", "step_3"]  # step_2 written, dropped
+    assert [p.name for p in (checkpoints / "state").iterdir()] == ["step_3"]  # the resumable state: the newest only
     step = checkpoints / "step_3"
     model = AutoModelForImageTextToText.from_pretrained(step)
     tokenizer, processor = AutoTokenizer.from_pretrained(step), AutoImageProcessor.from_pretrained(step)

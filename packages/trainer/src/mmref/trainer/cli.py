@@ -73,7 +73,7 @@ def _intercept(args: argparse.Namespace) -> int:
 def _rl(args: argparse.Namespace) -> int:
     from mmref.trainer.rl import run_rl
 
-    return _run_with_config(args, "rl", run_rl)
+    return _run_with_config(args, "rl", lambda config: run_rl(config, resume=args.resume))
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
     """Load the TOML config with the command line's overrides and run ``run(config)``; exit 2 on a bad config."""
     from mmref.renderers.errors import MMRefError
-    from mmref.trainer.errors import ModelDirError
+    from mmref.trainer.errors import ModelDirError, ResumeError, RunDirError
     from mmref.trainer.run_config import ConfigError, load_run_config
 
     overrides = list(args.set or [])
@@ -108,7 +108,7 @@ def _run_with_config(args: argparse.Namespace, command: str, run: Any) -> int:
         return 2
     try:
         run(config)
-    except (ConfigError, ModelDirError) as exc:  # a config this command cannot run, or the user's model directory
+    except (ConfigError, ModelDirError, RunDirError, ResumeError) as exc:  # the user's config, model or output dir
         print(f"mmref {command}: {exc}", file=sys.stderr)
         return 2
     except MMRefError as exc:  # a typed failure (a rank died, a missing image, ...): its message says what
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--ablate-images", action="store_true", help="replace every image by a blank one (control run)")
         run.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override any config value, e.g. train.lr=1e-3")
+        if name == "rl":
+            run.add_argument("--resume", action="store_true",
+                             help="continue the run in the output directory from its newest saved state")
         if name == "eval":
             run.add_argument("--checkpoint", help="checkpoint directory (default: model.path, else the initial weights)")
         run.set_defaults(func=func)

@@ -15,6 +15,8 @@ Each names the image (asset, sha256), the expected and actual values, and the st
           │    ├── ProcessorConfigError                        a processor config the layout math cannot reproduce
           │    └── ServedModelMismatchError                    a remote server serving another model (see remote)
           ├── InferenceUnreachableError (ConnectionError)  inference.url does not answer as an mmref server
+          ├── RunDirError (ValueError)          a new run into a directory with an earlier run's records (see resume)
+          ├── ResumeError (ValueError)          no saved state to resume, or one saved by another run's config
           └── TransportError (RuntimeError)     the micro-batch transport (see transport)
                ├── ReadyTimeoutError (TimeoutError)    ranks that never sent READY; names them
                ├── ReceiveTimeoutError (TimeoutError)  no micro-batches within the receive timeout
@@ -64,6 +66,14 @@ class UnsupportedModelError(ModelDirError):
 
 class ProcessorConfigError(ModelDirError):
     """An image processor config whose resize and pixel rules the layout math cannot reproduce."""
+
+
+class RunDirError(TrainerError, ValueError):
+    """An output directory that already holds a run's records, for a run not asked to resume; a user error."""
+
+
+class ResumeError(TrainerError, ValueError):
+    """A resume with no saved state, a state of another run (model, env, seed) or no steps left; a user error."""
 
 
 class TransportError(TrainerError, RuntimeError):

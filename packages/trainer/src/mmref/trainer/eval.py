@@ -35,7 +35,7 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
     # The checkpoint is served here, in process: a remote inference.url serves the run's own weights.
     config = config.model_copy(update={"inference": config.inference.model_copy(update={"url": None})})
     out = Path(config.output_dir) / "eval"
-    orch = Orchestrator(config, out, console)
+    orch = Orchestrator(config, out, console, "replace")  # a new evaluation replaces the last one
     with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url, \
             orch.hosting_agents(url) as orch.agents:
         result = asyncio.run(_evaluate(orch, url, version))

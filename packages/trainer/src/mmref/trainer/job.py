@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmref.trainer.pack import MicroBatch
+from mmref.trainer.resume import StatePlan
 from mmref.trainer.run_config import TrainConfig
 
 
@@ -41,6 +42,7 @@ class DistributedJob(BaseModel):
     recv_timeout_s: float = 120.0
     collective_timeout_s: float = 120.0
     train: TrainConfig = TrainConfig()
+    state: StatePlan | None = None       # where and when to write resumable state, and the state to start from
 
     @model_validator(mode="after")
     def _sync_needs_weights(self) -> DistributedJob:

@@ -52,6 +52,7 @@ from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.policy_setup import build_policy, pick_device
 from mmref.trainer.remote import ExpectedModel, RemoteEngineCounters
 from mmref.trainer.report import RolloutRecord, TurnRecord
+from mmref.trainer.resume import DrawState, RunStart, RunStates, load_model_weights, open_run_files, restore_trainer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
@@ -60,16 +61,16 @@ from mmref.trainer.step_record import StepRecord
 
 
 class RunDir:
-    """The files of one run."""
+    """The files of one run; a new run refuses a directory with an earlier run's records (see ``resume``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, start: RunStart = "new") -> None:
         self.root = root
         for sub in ("checkpoints", "store"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.metrics = root / "metrics.jsonl"
         self.rollouts = root / "rollouts.jsonl"
-        for path in (self.metrics, self.rollouts):
-            path.write_text("")
+        open_run_files(root, (self.metrics, self.rollouts), start)
+        self.states = RunStates(root / "checkpoints" / "state")
 
     def append(self, path: Path, line: str) -> None:
         with path.open("a") as f:
@@ -79,9 +80,16 @@ class RunDir:
 class Orchestrator:
     """Owns the loop: rollouts against the server, samples, a training step, weight sync."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, console: Console) -> None:
+    def __init__(self, config: RunConfig, run_dir: Path, console: Console, start: RunStart = "new") -> None:
         self.config, self.console = config, console
-        self.run = RunDir(run_dir)
+        self.run = RunDir(run_dir, start)
+        self.resumed = self.run.states.latest() if start == "resume" else None  # before the model: fail fast
+        if self.resumed is not None:
+            self.resumed.check_fits(config)
+        self.run.states.clear_pending()
+        self.plan = self.run.states.plan(config, self.resumed)  # where and when the trainer saves its state
+        self.start_step = self.plan.start_step
+        self.draws: dict[int, DrawState] = {}  # step -> where the draws stood after its rollouts
         (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
         self.env = run_environment(config)
         self.data_positions: dict[int, dict] = {}  # step -> the env's data position after that step's draws
@@ -98,6 +106,8 @@ class Orchestrator:
         self.served = None if config.inference.url else self.local_served()
         self.engine = self.served.engine if self.served else RemoteEngineCounters(config.inference.url)
         self.rng = random.Random(config.seed)
+        if self.resumed is not None:
+            self.resumed.draws.restore(self.rng, self.env)
         self.loggers = Loggers.open(config.log, run_dir, config.model_dump())
         self.agents: AgentHost | None = None  # the interception server, when the environment is agent code
 
@@ -110,9 +120,12 @@ class Orchestrator:
 
     def local_served(self) -> ServedModel:
         """A copy of the policy behind the transformers engine, for the in-process server."""
-        engine = TransformersEngine(copy.deepcopy(self.policy), image_token_ids_of(self.policy),
-                                    self.renderer.stop_token_ids, pad_token_id=self.renderer.stop_token_ids[0],
-                                    device=self.device)
+        serve_model = copy.deepcopy(self.policy)
+        if self.resumed is not None:  # the server samples from the restored weights, as weight version N
+            load_model_weights(serve_model, self.resumed.path)
+        engine = TransformersEngine(serve_model, image_token_ids_of(self.policy), self.renderer.stop_token_ids,
+                                    pad_token_id=self.renderer.stop_token_ids[0], device=self.device,
+                                    weight_version=self.start_step)
         return ServedModel(self.config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
                            engine, self.renderer.image_pad_id)
 
@@ -129,8 +142,9 @@ class Orchestrator:
                                     processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
                                     reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
+            restore_trainer(trainer, self.plan)
             return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
-                                    exports=self.step_exports(trainer.model))
+                                    exports=self.step_exports(trainer.model), state=self.plan)
         timeout = config.train.rank_timeout_s
         if config.train.launch == "external":
             self.console.print(f"waiting up to {timeout:.0f}s for {config.train.nproc} trainer rank(s): on each trainer "
@@ -141,7 +155,7 @@ class Orchestrator:
             steps=config.max_steps, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
             model_path=str(self.model_dir), checkpoint_dir=str(checkpoints / "latest"), inference_url=inference_url,
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
-            train=config.train)
+            train=config.train, state=self.plan)
         return TorchrunTrainer(job, config.train.nproc, self.run.root.resolve(), timeout,
                                threads=self.threads_per_role()[1], exports=self.step_exports(self.policy),
                                transport=config.train.transport, launch=config.train.launch)
@@ -178,6 +192,7 @@ class Orchestrator:
                                                      cfg.concurrency), []
         else:
             batch, dropped = await self.play_episodes(client, step, seeds, ids, clock)
+        self.draws[step] = DrawState.capture(self.rng, self.env)
         dropped += batch.dropped
         self.log_dropped(step, dropped)
         if not batch.groups:
@@ -209,6 +224,14 @@ class Orchestrator:
         batch = await play_groups(groups, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
                                   group_ids=played, clock=clock)
         return batch, dropped
+
+    def save_state(self, steps_done: int) -> None:
+        """Commit the trainer's state of ``steps_done`` (when due) with where this step's draws stood."""
+        draws = self.draws.pop(steps_done - 1)
+        for step in [s for s in self.draws if s < steps_done]:
+            del self.draws[step]
+        if self.plan.due(steps_done):
+            self.run.states.commit(steps_done, self.config, draws)
 
     def log_dropped(self, step: int, dropped: list[DroppedGroup]) -> None:
         """Each dropped group on the console, with the environment's traceback in ``env_errors.log``."""
@@ -319,9 +342,10 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
     history = []
     # Evaluation has its own client: the steps' request counters stay the rollouts' own.
     async with TrainClient(base_url) as client, TrainClient(base_url) as eval_client:
-        evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training else []
-        pending = asyncio.create_task(orch.collect(client, 0))
-        for step in range(config.max_steps):
+        first = orch.start_step  # 0, or the steps a resumed run had done
+        evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training and first == 0 else []
+        pending = asyncio.create_task(orch.collect(client, first))
+        for step in range(first, config.max_steps):
             start = time.perf_counter()
             traces, request_bytes, rollout_times = await pending
             rollout_s = time.perf_counter() - start  # the wait for this step's rollouts
@@ -356,6 +380,7 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
                 pixel_values_bytes=pixel_values_nbytes(rows, orch.spec), off_policy_lag=lag, trainer=step_metrics,
                 evals=[e.as_dict() for e in evals])
             orch.record(step, traces, record.as_dict(), evals)
+            orch.save_state(step + 1)
             evals = []
             history.append(record)
             progress.update(task, advance=1, description=f"step {step + 1}/{config.max_steps} reward "

@@ -10,6 +10,7 @@ The policy trains on ``train.nproc`` torchrun ranks fed micro-batches of refs ov
 (rank 0 writes each step's weights and POSTs ``/update_weights``), or in this process when
 ``train.nproc = 0``. The run directory holds the config, metrics.jsonl, rollouts.jsonl,
 checkpoints, the store, trainer.log (the ranks' output), the reward curve and the viewer.
+``mmref rl CONFIG --resume`` continues a run from its newest saved state (see ``mmref.trainer.resume``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class RunSummary:
     wall_s: float
 
 
-def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
-    """Run ``config`` to completion; always shuts the server down."""
+def run_rl(config: RunConfig, console: Console | None = None, resume: bool = False) -> RunSummary:
+    """Run ``config`` to completion (``resume``: from the newest state in its output directory, appending to its
+    records); always shuts the server down."""
     if config.inference.engine != "transformers" and not config.inference.url:
         raise ConfigError(f"inference.engine = {config.inference.engine!r}: mmref rl samples in process with its "
                           "built-in transformers engine only; for vLLM start `mmref serve --engine vllm --model DIR` "
@@ -51,16 +53,17 @@ def run_rl(config: RunConfig, console: Console | None = None) -> RunSummary:
     console = console or Console()
     run_dir = Path(config.output_dir)
     start = time.perf_counter()
-    orch = Orchestrator(config, run_dir, console)
+    orch = Orchestrator(config, run_dir, console, "resume" if resume else "new")
     with rollout_server(orch.served, orch.store, config.inference, orch.expected_model()) as url, Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("starting", total=config.max_steps)
+        task = progress.add_task("starting", total=config.max_steps, completed=orch.start_step)
         try:
             with orch.hosting_agents(url) as orch.agents:
                 history = asyncio.run(train_loop(orch, url, progress, task))
         finally:
             orch.loggers.close()
-    write_reward_curve([r.as_dict() for r in history], run_dir / "reward.png", chance=getattr(orch.env, "chance", None))
+    write_reward_curve(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "reward.png",  # a resumed run's too
+                       chance=getattr(orch.env, "chance", None))
     write_viewer(run_dir, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(run_dir / "rollouts.jsonl")])
     summary = RunSummary(run_dir, len(history), history[-1].reward_mean,
                          sum(r.reward_mean for r in history[-5:]) / len(history[-5:]), time.perf_counter() - start)

@@ -30,6 +30,7 @@ from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.job import DistributedJob, zero_loss_pad
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
+from mmref.trainer.resume import StatePlan, save_trainer_if_due
 from mmref.trainer.run_config import TransportConfig
 from mmref.trainer.step import PolicyTrainer
 from mmref.trainer.transport import TransportEndpoints, TransportLimits, ZmqSender, deal
@@ -70,18 +71,20 @@ class RLTrainer(Protocol):
 
 
 class InProcessTrainer:
-    """One rank inside the orchestrator's process: step, write the checkpoint, tell the server."""
+    """One rank inside the orchestrator's process: step, write the checkpoint, tell the server; its
+    resumable state when ``state`` says one is due."""
 
     def __init__(self, trainer: PolicyTrainer, checkpoint_dir: Path, family: str, inference_url: str,
-                 exports: StepExports | None = None) -> None:
+                 exports: StepExports | None = None, state: StatePlan | None = None) -> None:
         self.trainer, self.checkpoint_dir, self.family = trainer, checkpoint_dir, family
-        self.inference_url, self.exports = inference_url, exports
+        self.inference_url, self.exports, self.state = inference_url, exports, state
 
     async def start(self) -> None:
         return None
 
     async def step(self, step: int, rows: list[PackedRow]) -> dict:
         metrics = await asyncio.to_thread(self.trainer.step, [MicroBatch(step, rows)])
+        await asyncio.to_thread(save_trainer_if_due, self.trainer, self.state, step + 1)
         start = time.perf_counter()
         path = await asyncio.to_thread(save_checkpoint, self.trainer.model, self.checkpoint_dir, self.family, step + 1)
         async with httpx.AsyncClient(base_url=self.inference_url, timeout=120) as http:

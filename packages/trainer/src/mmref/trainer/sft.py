@@ -34,6 +34,7 @@ from mmref.trainer.environments import run_environment
 from mmref.trainer.export import export_model_dir
 from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.policy_setup import build_policy
+from mmref.trainer.resume import open_run_files
 from mmref.trainer.run_config import RunConfig
 
 
@@ -62,6 +63,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
     """Train ``config.max_steps`` steps of ``config.rollout.prompts_per_step`` demonstrations; return the checkpoint."""
     console = console or Console()
     run_dir = Path(config.output_dir)
+    metrics = run_dir / "sft_metrics.jsonl"
+    open_run_files(run_dir, (metrics,), "new", resumable=False)  # never over an earlier run's records
     source = run_environment(config)
     if is_agent(source):
         raise EnvLoadError(f"env {config.env.name!r} is agent code: mmref sft needs episodes that know their answer")
@@ -75,8 +78,6 @@ def run_sft(config: RunConfig, console: Console | None = None) -> Path:
                                 decay=config.train.lr_decay, min_ratio=config.train.min_lr_ratio)
     end_id = renderer.stop_token_ids[0]
     model.train()
-    metrics = run_dir / "sft_metrics.jsonl"
-    metrics.write_text("")
     for step in range(config.max_steps):
         start, losses = time.perf_counter(), []
         for episode in range(config.rollout.prompts_per_step):

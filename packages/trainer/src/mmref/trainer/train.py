@@ -29,6 +29,7 @@ from mmref.trainer.job import DistributedJob
 from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of
 from mmref.trainer.pack import MicroBatch
 from mmref.trainer.policy import load_policy
+from mmref.trainer.resume import restore_trainer, save_trainer_if_due
 from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
 
@@ -58,11 +59,13 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
                             image_token_ids=image_token_ids, materializer=materializer, total_steps=job.steps,
                             reference=reference)
+    with fail_fast("resume"):
+        start = restore_trainer(trainer, job.state)  # 0 unless the job resumes a saved state
     limits = TransportLimits(ready_timeout_s=job.ready_timeout_s, recv_timeout_s=job.recv_timeout_s)
     receiver = ZmqReceiver(TransportAddresses(pub=job.pub_address, ready=job.ready_address), info.rank, limits)
     report: list[dict] = []
     try:
-        for step in range(job.steps):
+        for step in range(start, job.steps):
             with fail_fast(f"step {step} receive"):
                 micro_batches = [MicroBatch.from_wire(mb) for mb in receiver.recv_step(step)]
             with fail_fast(f"step {step} check and materialize"):
@@ -71,6 +74,8 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
             version = step + 1
             with fail_fast(f"step {step} weight sync"):
                 _sync_weights(job, info, model, export, family, version)
+            with fail_fast(f"step {step} state"):  # written before the result that tells the orchestrator
+                save_trainer_if_due(trainer, job.state, version)
             _report_result(job, info, receiver, step, version, metrics)
             if job.report_dir:  # test instrumentation: full gradients are a collective and costly
                 report.append({"step": step, "weight_version": version, "strategy": strategy,
