@@ -49,6 +49,7 @@ from mmref.trainer.loggers import Loggers
 from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.policy import Policy, load_policy
+from mmref.trainer.precision import prepare_model, resolve_dtype
 from mmref.trainer.report import RolloutRecord, TurnRecord, read_jsonl, write_reward_curve, write_viewer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
 from mmref.trainer.run_config import ConfigError, RunConfig
@@ -125,13 +126,16 @@ class Orchestrator:
         self.model_dir, self.family = loaded.path, loaded.family
         self.tokenizer, self.policy = loaded.tokenizer, loaded.model
         self.spec, self.processor = loaded.spec, loaded.processor
-        serve_model = copy.deepcopy(self.policy)
+        # Trainer ranks start from the model directory, so the served model is the only copy here;
+        # in process the trainer trains self.policy while the engine samples from its own copy.
+        serve_model = copy.deepcopy(self.policy) if config.train.nproc == 0 else self.policy
         self.device = device = pick_device(config)
         self.store = ImageStore(run_dir / "store")
         self.renderer = create_renderer(self.tokenizer, self.family, spec=self.spec)
         banned = image_token_ids_of(self.policy)
         engine = TransformersEngine(serve_model, banned, self.renderer.stop_token_ids,
-                                    pad_token_id=self.renderer.stop_token_ids[0], device=device)
+                                    pad_token_id=self.renderer.stop_token_ids[0], device=device,
+                                    dtype=resolve_dtype(config.train.dtype, device))
         self.served = ServedModel(config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
                                   engine, self.renderer.image_pad_id)
         self.rng = random.Random(config.seed)
@@ -141,12 +145,11 @@ class Orchestrator:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
         config, checkpoints = self.config, self.run.root / "checkpoints"
         if config.train.nproc == 0:
-            trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
+            trainer = PolicyTrainer(prepare_model(self.policy, config.train, self.device), store=self.store, spec=self.spec,
                                     processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
                                     reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
-            return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
-                                    exports=self.step_exports(trainer.model))
+            return InProcessTrainer(trainer, self.served.engine, exports=self.step_exports(trainer.model))
         timeout = config.train.rank_timeout_s
         job = DistributedJob(
             family=self.family, store_root=str(self.store.root), pub_address="", ready_address="",
@@ -155,7 +158,7 @@ class Orchestrator:
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train)
         return TorchrunTrainer(job, config.train.nproc, self.run.root, timeout, threads=self.threads_per_role()[1],
-                               exports=self.step_exports(self.policy))
+                               exports=self.step_exports(self.served.engine.model))
 
     def step_exports(self, model: Any) -> StepExports:
         """``checkpoints/step_N`` model directories of ``model`` with this run's tokenizer and processor."""

@@ -4,9 +4,12 @@ Both take a step's packed rows and return once the inference server serves the n
 
     trainer = TorchrunTrainer(job, nproc=2, run_dir=run_dir)
     await trainer.start()                       # spawn torchrun, wait until every rank is READY
-    metrics = await trainer.step(step, rows)    # deal micro-batches (refs) -> ranks train ->
-                                                # rank 0 checkpoints and POSTs /update_weights
+    metrics = await trainer.step(step, rows)    # deal micro-batches (refs) -> ranks train -> rank 0
+                                                # writes train-dtype shards, POSTs /update_weights
     await trainer.close(ok=True)
+
+In process (``InProcessTrainer``) the engine's model takes the trained tensors instead, no file.
+Both report ``sync_s``, ``sync_bytes`` and ``sync_s_per_gb`` per step.
 
 A rank that fails ends the torchrun job (fail-fast inside it); the orchestrator sees the job
 exit and raises ``TrainerJobError`` with the tail of ``trainer.log``. On any error or
@@ -21,11 +24,11 @@ import time
 from pathlib import Path
 from typing import IO, Protocol
 
-import httpx
 
-from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.checkpoint import sync_record
 from mmref.trainer.errors import TrainerJobError
 from mmref.trainer.export import StepExports
+from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
@@ -61,12 +64,10 @@ class RLTrainer(Protocol):
 
 
 class InProcessTrainer:
-    """One rank inside the orchestrator's process: step, write the checkpoint, tell the server."""
+    """One rank inside the orchestrator's process: step, then hand the weights to the engine (no file)."""
 
-    def __init__(self, trainer: PolicyTrainer, checkpoint_dir: Path, family: str, inference_url: str,
-                 exports: StepExports | None = None) -> None:
-        self.trainer, self.checkpoint_dir, self.family = trainer, checkpoint_dir, family
-        self.inference_url, self.exports = inference_url, exports
+    def __init__(self, trainer: PolicyTrainer, engine: TransformersEngine, exports: StepExports | None = None) -> None:
+        self.trainer, self.engine, self.exports = trainer, engine, exports
 
     async def start(self) -> None:
         return None
@@ -74,14 +75,11 @@ class InProcessTrainer:
     async def step(self, step: int, rows: list[PackedRow]) -> dict:
         metrics = await asyncio.to_thread(self.trainer.step, [MicroBatch(step, rows)])
         start = time.perf_counter()
-        path = await asyncio.to_thread(save_checkpoint, self.trainer.model, self.checkpoint_dir, self.family, step + 1)
-        async with httpx.AsyncClient(base_url=self.inference_url, timeout=120) as http:
-            response = await http.post("/update_weights", json={"path": str(path)})
-            response.raise_for_status()
+        nbytes = await asyncio.to_thread(self.engine.load_from, self.trainer.model, step + 1)
+        sync = sync_record(time.perf_counter() - start, nbytes)
         if self.exports is not None:
             await asyncio.to_thread(self.exports.after_step, step + 1)
-        return {"ranks": 1, "transport_bytes": 0, "transport_s": 0.0, "sync_s": time.perf_counter() - start,
-                **metrics.as_dict()}
+        return {"ranks": 1, "transport_bytes": 0, "transport_s": 0.0, **sync, **metrics.as_dict()}
 
     async def close(self, ok: bool) -> None:
         return None
@@ -135,8 +133,8 @@ class TorchrunTrainer:
         sent = await asyncio.to_thread(self.sender.send_step, step, per_rank)
         transport_s = time.perf_counter() - start
         metrics = await self._wait_for_metrics(step)
-        if self.exports is not None:  # rank 0 writes checkpoint_dir again only once it has the next step
-            await asyncio.to_thread(self.exports.after_step, step + 1, Path(self.job.checkpoint_dir))
+        if self.exports is not None:  # of the served model, which holds the weights rank 0 wrote for it
+            await asyncio.to_thread(self.exports.after_step, step + 1)
         return {**metrics, "transport_bytes": sent, "transport_s": transport_s}
 
     async def _wait_for_metrics(self, step: int) -> dict:

@@ -97,6 +97,11 @@ class TrainConfig(_Section):
     nproc: int = Field(1, ge=0)
     rank_timeout_s: float = Field(600.0, gt=0)  # bounds every wait of a rank: start-up, next step, collectives
     missing_image_policy: Literal["error", "placeholder_zero_loss"] = "error"
+    # Precision and memory (see mmref.trainer.precision): "auto" trains in bfloat16 on CUDA and
+    # float32 on CPU; the inference engine serves in the same dtype.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward
+    freeze_vision: bool = False           # the vision tower and merger get no gradient and no optimizer state
 
 
 class EvalConfig(_Section):
