@@ -103,8 +103,10 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:
     nbytes = 0
     with torch.no_grad():
         for name, tensor in named_tensors(target):
-            if name not in sources:
-                raise ValueError(f"weight handover: {name} is in the engine's model but not the trainer's")
+            source_shape = tuple(sources[name].shape) if name in sources else None
+            if source_shape != tuple(tensor.shape):
+                raise ValueError(f"weight handover: {name} is {tuple(tensor.shape)} in the engine's model but "
+                                 f"{source_shape or 'absent'} in the trainer's; they must be the same architecture")
             tensor.copy_(sources[name])
             nbytes += tensor.numel() * tensor.element_size()
     return nbytes
