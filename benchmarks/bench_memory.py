@@ -7,7 +7,7 @@ a 4-block vision tower: about 250M parameters. Each variant runs in a fresh inte
 - ``bf16_gc``: ``train.dtype = "bfloat16"`` with gradient checkpointing; minimum 8 B/param.
 
 Peak memory is the process's peak RSS (``VmHWM``, reset once the model is built) minus its RSS
-before the model existed, over one step of a packed row of ~600 tokens with images. Weight
+before the model existed, over one step of a packed row of ~350 tokens with images. Weight
 sync (bfloat16 weights) is timed per GB both ways mmref does it, against one plain file write
 of the same bytes: the in-process handover (``copy_weights`` into the engine's model) and the
 rank path (``save_checkpoint`` in shards, then ``load_weights_into`` the server's model).
@@ -68,7 +68,7 @@ def step_variant(variant: str) -> dict:
 
     torch.set_num_threads(2)
     store = ImageStore(tempfile.mkdtemp(prefix="mmref-bench-memory-"))
-    samples = [make_sample(store, "qwen2-vl", 100, [(i, (96, 96))], 30, sampled=30, advantage=(-1.0) ** i,
+    samples = [make_sample(store, "qwen2-vl", 60, [(i, (96, 96))], 20, sampled=20, advantage=(-1.0) ** i,
                            logprob=-11.0) for i in range(4)]
     rows = pack(samples, 4096)
     config = TrainConfig(lr=1e-5, dtype="float32" if variant == "fp32" else "bfloat16",

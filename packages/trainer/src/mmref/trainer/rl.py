@@ -145,8 +145,8 @@ class Orchestrator:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
         config, checkpoints = self.config, self.run.root / "checkpoints"
         if config.train.nproc == 0:
-            trainer = PolicyTrainer(prepare_model(self.policy, config.train, self.device), store=self.store, spec=self.spec,
-                                    processor=self.processor, config=config.train,
+            model = prepare_model(self.policy, config.train, self.device)  # dtype, checkpointing, frozen vision
+            trainer = PolicyTrainer(model, store=self.store, spec=self.spec, processor=self.processor, config=config.train,
                                     image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
                                     reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
             return InProcessTrainer(trainer, self.served.engine, exports=self.step_exports(trainer.model))
