@@ -60,24 +60,33 @@ def save_checkpoint(model: PreTrainedModel, directory: str | Path, family: str, 
 
     Under FSDP2 every rank calls this; only the one with ``write`` (rank 0) writes, and the others return None.
     """
+    if not write:  # take part in each gather, in the same order, and keep nothing
+        with torch.no_grad():
+            for _, tensor in named_tensors(model):
+                if hasattr(tensor, "full_tensor"):
+                    tensor.full_tensor()
+        return None
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    if write:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     files: list[list[str]] = []  # the names in each shard written so far
     shard: dict[str, torch.Tensor] = {}
-    size = 0
+    size, failed = 0, None
     for name, tensor in gathered_tensors(model, dtype):
-        if not write:
+        if failed is not None:  # keep gathering: the other ranks are in these collectives
             continue
         nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            files.append(_write_shard(shard, tmp, len(files)))
-            shard, size = {}, 0
+        try:
+            if shard and size + nbytes > max_shard_bytes:
+                files.append(_write_shard(shard, tmp, len(files)))
+                shard, size = {}, 0
+        except OSError as exc:
+            failed, shard = exc, {}
+            continue
         shard[name], size = tensor.contiguous(), size + nbytes
-    if not write:
-        return None
+    if failed is not None:
+        raise failed
     files.append(_write_shard(shard, tmp, len(files)))
     weight_map = {}
     for i, names in enumerate(files):
