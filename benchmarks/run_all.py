@@ -119,6 +119,21 @@ ROWS: dict[str, list[Row]] = {
         Row("blank images: last-5 reward (chance 0.25)", "max_blank_last5", None, None,
             Target("<= 0.35", "max_blank_last5", "<=", 0.35), readme=True),
     ],
+    "memory": [
+        Row("peak memory of one step, bf16 + gradient checkpointing vs fp32 (bytes), 250M params",
+            "bf16_gc.peak_bytes", "fp32.peak_bytes", "bf16_gc_over_fp32_peak",
+            Target("<= 0.6x fp32", "bf16_gc_over_fp32_peak", "<=", 0.6), readme=True),
+        Row("trainer bytes per parameter, fp32 (AdamW minimum 16)", "fp32.bytes_per_param", "fp32.min_bytes_per_param",
+            "fp32.over_min"),
+        Row("trainer bytes per parameter, bf16 + checkpointing (minimum 8)", "bf16_gc.bytes_per_param",
+            "bf16_gc.min_bytes_per_param", "bf16_gc.over_min"),
+        Row("in-process weight handover (s/GB) vs one plain file write (s/GB)", "sync.handover_s_per_gb",
+            "sync.floor_write_s_per_gb", "sync.handover_over_floor", Target("< 1x floor", "sync.handover_over_floor",
+                                                                           "<", 1.0), readme=True),
+        Row("rank sync: bf16 shards written + loaded by the server (s/GB) vs the write floor",
+            "sync.file_sync_s_per_gb", "sync.floor_write_s_per_gb", "sync.file_sync_over_floor",
+            Target("<= 4x floor", "sync.file_sync_over_floor", "<=", 4.0), readme=True),
+    ],
     "transport": [
         Row("ZMQ loopback throughput (MB/s)", "throughput_mb_s"),
         Row("micro-batches/s", "micro_batches_per_s"),
@@ -131,8 +146,9 @@ ROWS: dict[str, list[Row]] = {
 }
 
 
-# Run only when named (``run_all.py learning``): bench_learning.py trains 6 runs of about 4 minutes.
-LONG = frozenset({"learning"})
+# Run only when named (``run_all.py learning``): bench_learning.py trains 6 runs of about 4 minutes;
+# bench_memory.py steps a 250M-parameter model twice on CPU (about 2 minutes).
+LONG = frozenset({"learning", "memory"})
 
 
 def lookup(result: dict, dotted: str | None):

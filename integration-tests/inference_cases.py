@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import torch
 from PIL import Image
 
 from mmref.renderers import ImageStore, make_ref
+from mmref.renderers.refs import ImageSlot, parse_ref
+from mmref.trainer.forward import forward_row
 from mmref.trainer.inference import create_app, load_served_model
+from mmref.trainer.materialize import Materializer
+from mmref.trainer.models import image_token_ids_of
+from mmref.trainer.pack import pack
+from mmref.trainer.samples import TrainingSample
 
 PAD, START, END = 151655, 151652, 151653
 MAX_PIXELS = 128 * 128
@@ -42,3 +51,26 @@ def client(app) -> httpx.AsyncClient:
 def app_and_store(served_model, cache_bytes: int = 64 * 2**20):
     store = ImageStore("memory://inference-" + str(id(served_model)))
     return create_app(served_model, store, cache_bytes=cache_bytes), store
+
+
+def generate(app, ids, slots, **sampling):
+    async def call():
+        async with client(app) as c:
+            return await c.post("/inference/v1/generate", json={"token_ids": ids, "images": slots, "sampling": sampling})
+    return asyncio.run(call())
+
+
+def teacher_forced(model, store, ids, slots, completion, temperature=1.0):
+    """The trainer's logprobs of ``completion`` after prompt ``ids`` sampled at ``temperature`` (teacher-forced)."""
+    tokens = ids + completion
+    n = len(tokens)
+    refs = [parse_ref(s["ref"]) for s in slots]
+    sample = TrainingSample(model.family, tokens, [i >= len(ids) for i in range(n)], [0.0] * n, [0.0] * n,
+                            [ImageSlot(ref=r, offset=s["offset"], length=s["length"]) for r, s in zip(refs, slots)], PAD,
+                            temperature=temperature)
+    row = Materializer(store, model.spec, model.processor).materialize(pack([sample], 10**6))[0]
+    hf_model = model.engine.model
+    with torch.no_grad():
+        out = forward_row(hf_model, row, hf_model.model.get_rope_index, image_token_ids_of(hf_model),
+                          model.spec.merge_size)
+    return out.logprobs[len(ids) - 1:]

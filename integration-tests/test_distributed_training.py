@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmref.renderers import ImageStore
-from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta
+from mmref.trainer.checkpoint import checkpoint_nbytes, load_weights_into, read_checkpoint_meta
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.models import build_tiny_model
 from mmref.trainer.pack import MicroBatch, pack
@@ -79,11 +79,13 @@ def _run_job(tmp_path, store: ImageStore, per_rank: list[list[dict]], **job_fiel
 
 @pytest.mark.timeout(240)
 def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_path):
+    """Sharded per decoder layer and vision block, with gradient checkpointing: still the single-process gradients."""
     store = ImageStore(tmp_path / "store")
     micro_batches = _micro_batches(store)
     per_rank = deal([mb.to_wire() for mb in micro_batches], 2, _pad(micro_batches))
     result, sender, _ = _run_job(tmp_path, store, per_rank, checkpoint_dir=str(tmp_path / "weights"),
-                              metrics_path=str(tmp_path / "trainer.jsonl"))
+                              metrics_path=str(tmp_path / "trainer.jsonl"),
+                              train=TrainConfig(gradient_checkpointing=True))
     assert result.returncode == 0, result.output
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in range(2):
@@ -106,6 +108,7 @@ def test_two_ranks_receive_their_batches_and_match_single_process_gradients(tmp_
     # Rank 0's metrics line combines both ranks' shares into the single-process figures.
     [combined] = [json.loads(line) for line in (tmp_path / "trainer.jsonl").read_text().splitlines()]
     assert (combined["step"], combined["weight_version"], combined["ranks"]) == (0, 1, 2)
+    assert combined["sync_bytes"] == checkpoint_nbytes(tmp_path / "weights") > 0 and combined["sync_s_per_gb"] > 0
     assert combined["loss_tokens"] == single.loss_tokens
     for key in ("loss", "entropy", "clip_fraction", "grad_norm"):
         assert combined[key] == pytest.approx(getattr(single, key), rel=1e-4, abs=1e-6), key

@@ -54,7 +54,7 @@ def test_rl_trains_from_the_dir_and_every_stage_uses_its_processor_config(tmp_pa
     assert main(["rl", "--max-steps", "2", "--output-dir", str(out), "--set", f"model.path='{model_dir}'", *SMALL]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1] and all(m["loss_tokens"] > 0 for m in metrics)
-    assert json.loads((out / "checkpoints" / "latest" / "mmref.json").read_text())["weight_version"] == 2
+    assert json.loads((out / "checkpoints" / "step_2" / "mmref.json").read_text())["weight_version"] == 2
 
 
 @pytest.mark.timeout(300)

@@ -42,8 +42,10 @@ def test_short_rl_run_writes_metrics_plot_viewer_and_checkpoints(tmp_path, nproc
         assert 0 < m["request_bytes"] and (m["transport_bytes"] > 0) == (nproc > 0)
         assert m["request_bytes"] + m["transport_bytes"] < m["pixel_values_bytes"] / 10
     assert Image.open(out / "reward.png").format == "PNG"
-    latest = json.loads((out / "checkpoints" / "latest" / "mmref.json").read_text())
-    assert latest["weight_version"] == 2
+    assert all(m["sync_bytes"] > 0 and m["sync_s_per_gb"] > 0 for m in metrics)
+    if nproc:  # rank 0 wrote the weights the server loaded; in process the engine took tensors, no file
+        latest = json.loads((out / "checkpoints" / "latest" / "mmref.json").read_text())
+        assert latest["weight_version"] == 2
     assert json.loads((out / "config.json").read_text())["max_steps"] == 2
     page = (out / "viewer.html").read_text()
     sources = re.findall(r"src='([^']+)'", page)

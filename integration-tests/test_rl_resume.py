@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmref.renderers import ImageStore
+from mmref.trainer.checkpoint import weight_files
 from mmref.trainer.cli import main
 from mmref.trainer.lr_schedule import lr_factor
 from mmref.trainer.models import image_token_ids_of
@@ -34,7 +35,11 @@ def metrics_of(out: Path) -> list[dict]:
 
 
 def served_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "checkpoints" / "latest" / "model.safetensors")
+    """The weights the run ended with: what rank 0 wrote for the server (live module names), or in process
+    (the engine took tensors, no file) the last step export."""
+    latest = out / "checkpoints" / "latest"
+    last = latest if latest.exists() else max((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    return {name: tensor for path in weight_files(last) for name, tensor in load_file(path).items()}
 
 
 @pytest.mark.timeout(600)

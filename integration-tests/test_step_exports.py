@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+from mmref.trainer.checkpoint import weight_files
 from mmref.trainer.cli import main
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "examples" / "color-codeword.toml")
@@ -22,7 +23,8 @@ def test_every_n_steps_and_the_last_are_exported_and_only_keep_last_stay(tmp_pat
                  "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=1",
                  "--set", "model.max_pixels=6272"]) == 0
     checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "state", "step_3"]  # step_2 written, dropped
+    # step_2 was written, then dropped; in process the engine took tensors, so there is no "latest" file
+    assert sorted(p.name for p in checkpoints.iterdir()) == (["latest", "state", "step_3"] if nproc else ["state", "step_3"])
     assert [p.name for p in (checkpoints / "state").iterdir()] == ["step_3"]  # the resumable state: the newest only
     step = checkpoints / "step_3"
     model = AutoModelForImageTextToText.from_pretrained(step)
@@ -31,6 +33,7 @@ def test_every_n_steps_and_the_last_are_exported_and_only_keep_last_stay(tmp_pat
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
     assert tokenizer.chat_template and (step / "generation_config.json").exists()
     assert json.loads((step / "mmref.json").read_text()) == {"family": "qwen2-vl", "weight_version": 3}
-    served = load_file(checkpoints / "latest" / "model.safetensors")  # what the server loaded after step 3
-    exported = model.state_dict()
-    assert served and all(torch.equal(tensor, exported[name]) for name, tensor in served.items())
+    if nproc:  # what the server loaded after step 3, in the train dtype (float32 on CPU)
+        served = {name: t for path in weight_files(checkpoints / "latest") for name, t in load_file(path).items()}
+        exported = model.state_dict()
+        assert served and all(torch.equal(tensor, exported[name]) for name, tensor in served.items())

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mmref.trainer.errors import RankFailedError
+from mmref.trainer.precision import shard_units
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,33 @@ def shutdown_distributed() -> None:
     dist.destroy_process_group()
 
 
-def wrap_data_parallel(model: torch.nn.Module, info: RankInfo) -> tuple[torch.nn.Module, str]:
+def wrap_data_parallel(model: torch.nn.Module, info: RankInfo,
+                       param_dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, str]:
     """Shard ``model`` with FSDP2 ``fully_shard`` (returns the same module, now sharded) and say how.
 
-    Falls back to DDP only where ``fully_shard`` is unavailable or refuses the device; the
-    returned strategy name ("fsdp2", "ddp", "single") is logged so a run says which it used.
+    Each of ``precision.shard_units`` (decoder layers, vision blocks) is sharded on its own,
+    then the root: a layer's full weights exist only while it runs. Weights stay float32
+    shards; ``param_dtype`` is what they are gathered in for compute, and gradients are
+    reduced in float32. Falls back to DDP (in ``param_dtype``) only where ``fully_shard`` is
+    unavailable or refuses the device; the strategy name ("fsdp2", "ddp", "single") is logged.
     """
     if info.world_size == 1:
         return model, "single"
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch builds without FSDP2
         fully_shard = None
     if fully_shard is not None:
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         try:
-            fully_shard(model)
+            for unit in shard_units(model):
+                fully_shard(unit, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
             return model, "fsdp2"
         except (RuntimeError, NotImplementedError, ValueError):
             pass
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids), "ddp"
+    return torch.nn.parallel.DistributedDataParallel(model.to(param_dtype), device_ids=ids), "ddp"
 
 
 def check_all_ranks(error: BaseException | None, stage: str) -> None:

@@ -22,8 +22,6 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmref.trainer.checkpoint import load_weights_into
-
 
 def export_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, processor: Any,
                      directory: str | Path, chat_template: str | None = None,
@@ -53,8 +51,8 @@ def export_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 class StepExports:
     """A run's ``checkpoints/step_N`` exports of ``model``: every ``every`` steps and after ``max_steps``.
 
-    In a torchrun run ``model`` is the orchestrator's copy, first given the weights rank 0
-    wrote for the server (``weights_from``); in process it is the trained model itself.
+    In a torchrun run ``model`` is the served model, which holds the weights rank 0 wrote for
+    the server (the orchestrator keeps no other copy); in process it is the trained model itself.
     With ``every=2, max_steps=5``: step_2, step_4, step_5.
     """
 
@@ -70,12 +68,10 @@ class StepExports:
     def due(self, steps_done: int) -> bool:
         return steps_done == self.max_steps or (self.every > 0 and steps_done % self.every == 0)
 
-    def after_step(self, steps_done: int, weights_from: Path | None = None) -> Path | None:
+    def after_step(self, steps_done: int) -> Path | None:
         """Write ``step_<steps_done>`` if due (then drop all but the newest ``keep_last``); its path or None."""
         if not self.due(steps_done):
             return None
-        if weights_from is not None:
-            load_weights_into(self.model, weights_from)
         path = export_model_dir(self.model, self.tokenizer, self.processor, self.root / f"step_{steps_done}",
                                 meta={"family": self.family, "weight_version": steps_done})
         if self.keep_last is not None:

@@ -50,10 +50,11 @@ from mmref.trainer.model_identity import model_identity
 from mmref.trainer.models import image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.policy_setup import build_policy, pick_device
+from mmref.trainer.precision import prepare_model, resolve_dtype
 from mmref.trainer.remote import ExpectedModel, RemoteEngineCounters
 from mmref.trainer.report import RolloutRecord, TurnRecord
 from mmref.trainer.resume import DrawState, RunStart, RunStates, load_model_weights, open_run_files, restore_trainer
-from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role
+from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role, post_checkpoint
 from mmref.trainer.run_config import RunConfig
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer, frozen_copy
@@ -120,12 +121,15 @@ class Orchestrator:
 
     def local_served(self) -> ServedModel:
         """A copy of the policy behind the transformers engine, for the in-process server."""
-        serve_model = copy.deepcopy(self.policy)
+        # Trainer ranks start from the model directory, so the served model is the only copy here;
+        # in process the trainer trains self.policy while the engine samples from its own copy.
+        serve_model = copy.deepcopy(self.policy) if self.config.train.nproc == 0 else self.policy
         if self.resumed is not None:  # the server samples from the restored weights, as weight version N
             load_model_weights(serve_model, self.resumed.path)
         engine = TransformersEngine(serve_model, image_token_ids_of(self.policy), self.renderer.stop_token_ids,
                                     pad_token_id=self.renderer.stop_token_ids[0], device=self.device,
-                                    weight_version=self.start_step)
+                                    weight_version=self.start_step, dtype=resolve_dtype(self.config.train.dtype,
+                                                                                        self.device))
         return ServedModel(self.config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
                            engine, self.renderer.image_pad_id)
 
@@ -138,13 +142,15 @@ class Orchestrator:
         # Absolute: a remote server and trainer nodes read these paths (on a shared filesystem).
         config, checkpoints = self.config, self.run.root.resolve() / "checkpoints"
         if config.train.nproc == 0:
-            trainer = PolicyTrainer(self.policy.to(self.device), store=self.store, spec=self.spec,
-                                    processor=self.processor, config=config.train,
-                                    image_token_ids=image_token_ids_of(self.policy), total_steps=config.max_steps,
+            model = prepare_model(self.policy, config.train, self.device)  # dtype, checkpointing, frozen vision
+            trainer = PolicyTrainer(model, store=self.store, spec=self.spec, processor=self.processor,
+                                    config=config.train, image_token_ids=image_token_ids_of(self.policy),
+                                    total_steps=config.max_steps,
                                     reference=frozen_copy(self.policy) if config.train.kl_coef > 0 else None)
             restore_trainer(trainer, self.plan)
-            return InProcessTrainer(trainer, checkpoints / "latest", self.family, inference_url,
-                                    exports=self.step_exports(trainer.model), state=self.plan)
+            publish = (self.served.engine.load_from if self.served is not None  # tensors, no file
+                       else post_checkpoint(checkpoints / "latest", self.family, inference_url))
+            return InProcessTrainer(trainer, publish, exports=self.step_exports(trainer.model), state=self.plan)
         timeout = config.train.rank_timeout_s
         if config.train.launch == "external":
             self.console.print(f"waiting up to {timeout:.0f}s for {config.train.nproc} trainer rank(s): on each trainer "
@@ -157,7 +163,8 @@ class Orchestrator:
             device=config.device, ready_timeout_s=timeout, recv_timeout_s=timeout, collective_timeout_s=timeout,
             train=config.train, state=self.plan)
         return TorchrunTrainer(job, config.train.nproc, self.run.root.resolve(), timeout,
-                               threads=self.threads_per_role()[1], exports=self.step_exports(self.policy),
+                               threads=self.threads_per_role()[1],
+                               exports=self.step_exports(self.served.engine.model if self.served else self.policy),
                                transport=config.train.transport, launch=config.train.launch)
 
     def step_exports(self, model: Any) -> StepExports:

@@ -4,10 +4,13 @@ Both take a step's packed rows and return once the inference server serves the n
 
     trainer = TorchrunTrainer(job, nproc=2, run_dir=run_dir)
     await trainer.start()                       # spawn torchrun, wait until every rank is READY
-    metrics = await trainer.step(step, rows)    # deal micro-batches (refs) -> ranks train ->
-                                                # rank 0 checkpoints, POSTs /update_weights and
+    metrics = await trainer.step(step, rows)    # deal micro-batches (refs) -> ranks train -> rank 0
+                                                # writes train-dtype shards, POSTs /update_weights and
                                                 # sends its metrics back over the transport
     await trainer.close(ok=True)
+
+In process (``InProcessTrainer``) the engine's model takes the trained tensors instead, no file.
+Both report ``sync_s``, ``sync_bytes`` and ``sync_s_per_gb`` per step.
 
 A rank that fails ends the torchrun job (fail-fast inside it); the orchestrator sees the job
 exit and raises ``TrainerJobError`` with the tail of ``trainer.log``. On any error or
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Protocol
 
 import httpx
+import torch
 
-from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.checkpoint import checkpoint_nbytes, save_checkpoint, sync_record
 from mmref.trainer.errors import ReceiveTimeoutError, TrainerJobError
 from mmref.trainer.export import StepExports
 from mmref.trainer.inference.threaded import free_port
@@ -70,14 +75,24 @@ class RLTrainer(Protocol):
     async def close(self, ok: bool) -> None: ...
 
 
+def post_checkpoint(directory: Path, family: str, inference_url: str) -> Callable[[torch.nn.Module, int], int]:
+    """A ``publish`` for a server in another process: write the weights to ``directory`` (a path it can read),
+    POST ``/update_weights``; returns the bytes written."""
+    def publish(model: torch.nn.Module, version: int) -> int:
+        path = save_checkpoint(model, directory, family, weight_version=version)
+        httpx.post(f"{inference_url.rstrip('/')}/update_weights", json={"path": str(path)}, timeout=120).raise_for_status()
+        return checkpoint_nbytes(path)
+    return publish
+
+
 class InProcessTrainer:
-    """One rank inside the orchestrator's process: step, write the checkpoint, tell the server; its
+    """One rank inside the orchestrator's process: step, then ``publish`` the weights (the in-process engine
+    takes the tensors, no file; a remote server gets a checkpoint and a POST: ``post_checkpoint``); its
     resumable state when ``state`` says one is due."""
 
-    def __init__(self, trainer: PolicyTrainer, checkpoint_dir: Path, family: str, inference_url: str,
+    def __init__(self, trainer: PolicyTrainer, publish: Callable[[torch.nn.Module, int], int],
                  exports: StepExports | None = None, state: StatePlan | None = None) -> None:
-        self.trainer, self.checkpoint_dir, self.family = trainer, checkpoint_dir, family
-        self.inference_url, self.exports, self.state = inference_url, exports, state
+        self.trainer, self.publish, self.exports, self.state = trainer, publish, exports, state
 
     async def start(self) -> None:
         return None
@@ -86,14 +101,11 @@ class InProcessTrainer:
         metrics = await asyncio.to_thread(self.trainer.step, [MicroBatch(step, rows)])
         await asyncio.to_thread(save_trainer_if_due, self.trainer, self.state, step + 1)
         start = time.perf_counter()
-        path = await asyncio.to_thread(save_checkpoint, self.trainer.model, self.checkpoint_dir, self.family, step + 1)
-        async with httpx.AsyncClient(base_url=self.inference_url, timeout=120) as http:
-            response = await http.post("/update_weights", json={"path": str(path)})
-            response.raise_for_status()
+        nbytes = await asyncio.to_thread(self.publish, self.trainer.model, step + 1)
+        sync = sync_record(time.perf_counter() - start, nbytes)
         if self.exports is not None:
             await asyncio.to_thread(self.exports.after_step, step + 1)
-        return {"ranks": 1, "transport_bytes": 0, "transport_s": 0.0, "sync_s": time.perf_counter() - start,
-                **metrics.as_dict()}
+        return {"ranks": 1, "transport_bytes": 0, "transport_s": 0.0, **sync, **metrics.as_dict()}
 
     async def close(self, ok: bool) -> None:
         return None
@@ -151,8 +163,8 @@ class TorchrunTrainer:
         sent = await asyncio.to_thread(self.sender.send_step, step, per_rank)
         transport_s = time.perf_counter() - start
         metrics = await self._wait_for_metrics(step)
-        if self.exports is not None:  # rank 0 writes checkpoint_dir again only once it has the next step
-            await asyncio.to_thread(self.exports.after_step, step + 1, Path(self.job.checkpoint_dir))
+        if self.exports is not None:  # of the served model, which holds the weights rank 0 wrote for it
+            await asyncio.to_thread(self.exports.after_step, step + 1)
         return {**metrics, "transport_bytes": sent, "transport_s": transport_s}
 
     async def _wait_for_metrics(self, step: int) -> dict:

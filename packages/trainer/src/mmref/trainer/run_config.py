@@ -115,6 +115,11 @@ class TrainConfig(_Section):
     # (`mmref train <output_dir>/trainer-job.json --nnodes ...` on each trainer node).
     launch: Literal["local", "external"] = "local"
     transport: TransportConfig = TransportConfig()
+    # Precision and memory (see mmref.trainer.precision): "auto" trains in bfloat16 on CUDA and
+    # float32 on CPU; the inference engine serves in the same dtype.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward
+    freeze_vision: bool = False           # the vision tower and merger get no gradient and no optimizer state
 
 
 class EvalConfig(_Section):

@@ -29,6 +29,7 @@ from mmref.trainer.loss import policy_loss
 from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.materialize import MaterializedRow, Materializer
 from mmref.trainer.pack import MicroBatch
+from mmref.trainer.precision import trainable_parameters
 from mmref.trainer.run_config import TrainConfig
 
 
@@ -104,7 +105,7 @@ class PolicyTrainer:
         self.image_token_ids = frozenset(image_token_ids)
         self.materializer = materializer or Materializer(store, spec, processor,
                                                          missing_image_policy=config.missing_image_policy)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, total_steps=total_steps or 1, warmup_steps=config.warmup_steps,
                                          decay=config.lr_decay if total_steps else "constant",
                                          min_ratio=config.min_lr_ratio)
@@ -170,7 +171,7 @@ class PolicyTrainer:
             sums["tokens"] += result.tokens
             sums["masked"] += out.masked_sampled_image_tokens
         start = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.config.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

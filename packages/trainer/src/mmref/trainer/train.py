@@ -5,14 +5,14 @@
 Each step, every rank: receives its micro-batches (refs only) over the transport, checks with
 the other ranks (``fail_fast``), checks every row's slots against its token ids and
 materializes the step's pixels once from its own store, checks again, runs forward/backward
-(FSDP2 reduces gradients), and rank 0 writes the weights for the inference server. A failure anywhere ends every rank with the failing rank's cause.
+(FSDP2 reduces gradients), and rank 0 writes the weights for the inference server, gathering one parameter at a time. A failure anywhere ends every rank with the failing rank's cause.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ import torch.distributed as dist
 
 from mmref.renderers import ImageStore
 from mmref.renderers.layout import LayoutSpec, layout_spec
-from mmref.trainer.checkpoint import save_checkpoint
+from mmref.trainer.checkpoint import checkpoint_nbytes, save_checkpoint, sync_record
 from mmref.trainer.distributed import RankInfo, fail_fast, init_distributed, shutdown_distributed, wrap_data_parallel
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.job import DistributedJob
 from mmref.trainer.models import build_image_processor, build_tiny_model, image_token_ids_of
 from mmref.trainer.pack import MicroBatch
 from mmref.trainer.policy import load_policy
+from mmref.trainer.precision import prepare_model, resolve_dtype
 from mmref.trainer.resume import restore_trainer, save_trainer_if_due
 from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
 from mmref.trainer.transport import TransportAddresses, TransportLimits, ZmqReceiver
@@ -48,12 +49,10 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
     family, model, processor, spec = _build_model(job)
     store = ImageStore(job.store_root)
     image_token_ids = image_token_ids_of(model)
-    # Rank 0 keeps an unsharded copy to export full weights into (checkpoint.save_checkpoint
-    # writes a plain module; FSDP2 parameters are shards).
-    export = copy.deepcopy(model) if info.rank == 0 and job.checkpoint_dir else None
-    model = model.to(info.device)
-    reference = frozen_copy(model) if job.train.kl_coef > 0 else None  # unsharded: a full copy per rank
-    model, strategy = wrap_data_parallel(model, info)
+    dtype = resolve_dtype(job.train.dtype, info.device)
+    model = prepare_model(model, job.train, info.device, sharded=info.world_size > 1)
+    reference = frozen_copy(model).to(dtype) if job.train.kl_coef > 0 else None  # unsharded: a full copy per rank
+    model, strategy = wrap_data_parallel(model, info, param_dtype=dtype)
     materializer = Materializer(store, spec, processor, device=info.device,
                                 missing_image_policy=job.train.missing_image_policy)
     trainer = PolicyTrainer(model, store=store, spec=spec, processor=processor, config=job.train,
@@ -73,10 +72,10 @@ def _train(job: DistributedJob, info: RankInfo) -> None:
             metrics = trainer.step(prepared, normalizer=_global_normalizer(micro_batches, info))
             version = step + 1
             with fail_fast(f"step {step} weight sync"):
-                _sync_weights(job, info, model, export, family, version)
+                sync = _sync_weights(job, info, model, family, version, dtype)
             with fail_fast(f"step {step} state"):  # written before the result that tells the orchestrator
                 save_trainer_if_due(trainer, job.state, version)
-            _report_result(job, info, receiver, step, version, metrics)
+            _report_result(job, info, receiver, step, version, metrics, sync)
             if job.report_dir:  # test instrumentation: full gradients are a collective and costly
                 report.append({"step": step, "weight_version": version, "strategy": strategy,
                                "bytes_received": receiver.bytes_received,
@@ -101,8 +100,9 @@ def _build_model(job: DistributedJob) -> tuple[str, torch.nn.Module, Any, Layout
 
 
 def _report_result(job: DistributedJob, info: RankInfo, receiver: ZmqReceiver, step: int, version: int,
-                   metrics: StepMetrics) -> None:
-    """Rank 0 sends the step's metrics, combined over ranks, back over the transport (a collective).
+                   metrics: StepMetrics, sync: dict[str, float]) -> None:
+    """Rank 0 sends the step's metrics, combined over ranks, and its weight sync's back over the transport
+    (a collective).
 
     Also appended to ``job.metrics_path`` when set: a record of the ranks' steps, which nothing polls.
     """
@@ -111,7 +111,8 @@ def _report_result(job: DistributedJob, info: RankInfo, receiver: ZmqReceiver, s
         parts = [None] * info.world_size
         dist.all_gather_object(parts, metrics)
     if info.rank == 0:
-        line = {"step": step, "weight_version": version, "ranks": info.world_size, **StepMetrics.combine(parts).as_dict()}
+        line = {"step": step, "weight_version": version, "ranks": info.world_size, **sync,
+                **StepMetrics.combine(parts).as_dict()}
         receiver.send_result(step, line)
         if job.metrics_path:
             with open(job.metrics_path, "a") as f:
@@ -141,23 +142,26 @@ def _full_grads(model: torch.nn.Module) -> dict[str, list[float]] | None:
     return grads
 
 
-def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, export, family: str,
-                  version: int) -> None:
-    """Rank 0 writes the full weights (``weight_version``) and tells the inference server to load them."""
-    if not job.checkpoint_dir:
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _sync_weights(job: DistributedJob, info: RankInfo, model: torch.nn.Module, family: str, version: int,
+                  dtype: torch.dtype) -> dict[str, float]:
+    """Rank 0 writes the weights (``weight_version``, in the train dtype) and tells the inference server to
+    load them; its ``sync_record`` ({} without ``checkpoint_dir``; zeros on other ranks).
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=info.world_size > 1, cpu_offload=True))
-    if info.rank != 0:
-        return
-    export.load_state_dict(state)
-    path = save_checkpoint(export, job.checkpoint_dir, family, weight_version=version)
+    Every rank takes part: each sharded parameter is gathered in turn and rank 0 writes shards as it goes.
+    """
+    if not job.checkpoint_dir:
+        return {}
+    start = time.perf_counter()
+    path = save_checkpoint(model, job.checkpoint_dir, family, weight_version=version, dtype=dtype,
+                           write=info.rank == 0)
+    if path is None:
+        return sync_record(0.0, 0)
     if job.inference_url:
         response = httpx.post(f"{job.inference_url.rstrip('/')}/update_weights", json={"path": str(path)}, timeout=60.0)
         if response.status_code != 200:
             raise RuntimeError(f"inference server refused weight version {version} from {path}: "
                                f"HTTP {response.status_code} {response.text[:500]}")
+    return sync_record(time.perf_counter() - start, checkpoint_nbytes(path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 import torch
 from transformers import LogitsProcessorList
 
-from mmref.trainer.checkpoint import load_weights_into
+from mmref.trainer.checkpoint import copy_weights, load_weights_into
 from mmref.trainer.forward import vision_tower
 from mmref.trainer.inference.api import Choice, SamplingParams
 from mmref.trainer.inference.sampling import RecordingSampler
@@ -69,7 +69,10 @@ class Job:
 
 
 class TransformersEngine:
-    """Sampling with a transformers model on CPU or CUDA."""
+    """Sampling with a transformers model on CPU or CUDA, in ``dtype`` (None: the model's own).
+
+    Logprobs are computed in float32 from the model's logits (``mmref.trainer.logprobs``).
+    """
 
     name = "transformers"
     input_kind = "features"
@@ -77,8 +80,8 @@ class TransformersEngine:
     def __init__(self, model: torch.nn.Module, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
                  pad_token_id: int, device: str = "cpu", weight_version: int = 0,
                  max_model_len: int | None = None, max_batch: int = 32, batch_wait_s: float = 0.005,
-                 max_batch_wait_s: float = 0.05) -> None:
-        self.model = model.to(device).eval()
+                 max_batch_wait_s: float = 0.05, dtype: torch.dtype | None = None) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.device = torch.device(device)
         self.image_token_ids = frozenset(image_token_ids)
         self.stop_token_ids = list(stop_token_ids)
@@ -294,6 +297,18 @@ class TransformersEngine:
                 return version
         self.weight_version = await asyncio.to_thread(load)
         return self.weight_version
+
+    def load_from(self, source: torch.nn.Module, version: int) -> int:
+        """Take ``source``'s weights (the in-process trainer's model) as ``version``, no file; bytes copied.
+
+        Blocking; under the model lock, so no batch samples from half-copied weights.
+        """
+        with self._model_lock:
+            start = time.perf_counter()
+            nbytes = copy_weights(source, self.model)
+            self.weight_version = version
+            self.load_s += time.perf_counter() - start
+        return nbytes
 
 
 def _choice(ids: list[int], logprobs: list[float], stops: Sequence[int]) -> Choice:
