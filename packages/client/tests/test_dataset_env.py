@@ -144,3 +144,36 @@ def test_loaded_by_name_bad_settings_are_load_errors_naming_the_factory_and_the_
     assert isinstance(info.value.__cause__, DatasetError)
     source = load_environment("dataset", {"path": data, "image_column": "images", "prompt": "{q}"}, seed=3)
     assert ids(source, 5) == ids(dataset(path=data, image_column="images", prompt="{q}", seed=3), 5)
+
+
+def test_parquet_files_and_saved_datasets_give_the_rows_and_images_jsonl_gives(tmp_path):
+    """The same rows as Parquet (image bytes) and as a ``datasets`` DatasetDict saved to disk (PIL images,
+    its split names in ``split``): the same answers, splits and image pixels reach the episodes."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    rows = [{"image": {"bytes": png_bytes(c)}, "question": f"q{i}", "answer": str(i)} for i, c in enumerate(colours)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data.parquet")
+    from_parquet = dataset(path=str(tmp_path / "data.parquet"), shuffle=False)
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    parts = {"train": rows[:2], "test": rows[2:]}
+    datasets.DatasetDict({name: datasets.Dataset.from_list(part, features=features) for name, part in parts.items()}
+                         ).save_to_disk(tmp_path / "saved")
+    saved = dataset(path=str(tmp_path / "saved"), split_column="split", eval_split="test", shuffle=False)
+
+    def pixels(source, episodes):
+        images = [e.reset()[0]["content"][0]["image"] for e in episodes]
+        return [Image.open(io.BytesIO(base64.b64decode(i.split(",", 1)[1]))) if isinstance(i, str) else i
+                for i in images]
+
+    train = [from_parquet.episode(0) for _ in range(3)]
+    assert [e.row["answer"] for e in train] == ["0", "1", "2"]
+    assert [p.getpixel((0, 0)) for p in pixels(from_parquet, train)] == colours
+    assert [e.row["answer"] for e in saved.eval_episodes()] == ["2"] and len(saved.train) == 2
+    assert [p.convert("RGB").getpixel((0, 0)) for p in pixels(saved, [saved.episode(0), saved.episode(0)])] \
+        == colours[:2]
+    with pytest.raises(DatasetError, match="not a dataset saved with save_to_disk"):
+        dataset(path=str(tmp_path))

@@ -1,6 +1,7 @@
 """Dataset rows from local files, and a row's images as message parts.
 
-    rows = read_rows("data/train.jsonl")        # JSONL; Parquet (.parquet) when pyarrow is installed
+    rows = read_rows("data/train.jsonl")        # JSONL; Parquet (.parquet) when pyarrow is installed;
+    rows = read_rows("data/saved")              # a `datasets` dataset saved with save_to_disk
     parts = image_parts(row["image"], "image", "row 3")
 
 An image value is one image or a list of them, each:
@@ -32,8 +33,11 @@ from mmref.renderers.store import sniff_media_type
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Every row of a JSONL (``.jsonl``/``.json``) or Parquet (``.parquet``) file."""
+    """Every row of a JSONL (``.jsonl``/``.json``) or Parquet (``.parquet``) file, or of a ``datasets``
+    dataset saved with ``save_to_disk`` (a directory; a ``DatasetDict``'s rows get its split name in ``split``)."""
     path = Path(path)
+    if path.is_dir():
+        return _read_saved_dataset(path)
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist")
     if path.suffix == ".parquet":
@@ -60,6 +64,27 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     except ImportError:
         raise DatasetError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
     return pq.read_table(path).to_pylist()
+
+
+def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise DatasetError(f"reading the saved dataset {path} needs the datasets package (pip install datasets)") \
+            from None
+    try:
+        data = load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path} is not a dataset saved with save_to_disk: {exc}") from None
+    if not isinstance(data, DatasetDict):
+        rows = list(data)
+    elif any("split" in part.column_names for part in data.values()):
+        raise DatasetError(f"{path}: its splits have a 'split' column already; save each split on its own")
+    else:
+        rows = [row | {"split": name} for name, part in data.items() for row in part]
+    if not rows:
+        raise DatasetError(f"dataset {path} has no rows")
+    return rows
 
 
 def image_parts(value: Any, column: str, where: str) -> list[dict[str, Any]]:
