@@ -15,7 +15,7 @@ import pytest
 from live_server import running
 from mmref.client.agent import FunctionAgent, InterceptionHost, play_agent_groups, run_agent
 from mmref.client.errors import EnvFailedError
-from mmref.client.interception import create_interception_app
+from mmref.client.interception import SamplingOverride, create_interception_app
 from mmref.client.rollout import run_rollout
 from mmref.client.train_client import Sampling, TrainClient
 from mmref.renderers import ImageStore, layout_spec
@@ -120,6 +120,36 @@ def test_a_crash_inside_agent_code_fails_its_group_only(tmp_path, zoom, renderer
     assert (dropped.group_id, dropped.size, batch.rollouts_dropped) == ("b", 2, 2)
     assert isinstance(dropped.error, EnvFailedError) and "RuntimeError: the scorer crashed" in str(dropped.error)
     assert not app.state.sessions  # the crashed rollout's session is not kept either
+
+
+@pytest.mark.parametrize("override", [None, SamplingOverride(temperature=1.0, top_p=1.0, max_tokens=4)])
+def test_the_runs_sampling_applies_to_agent_calls_unless_the_agent_keeps_its_own(tmp_path, renderer, override):
+    asked = []
+
+    def handle(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "fake", "max_model_len": 16384}]})
+        asked.append(json.loads(request.content)["sampling"])
+        ids = renderer.tokenizer.encode("red", add_special_tokens=False) + [renderer.token_id("<|im_end|>")]
+        return httpx.Response(200, json={"choices": [{"token_ids": ids, "logprobs": [-0.5] * len(ids),
+                                                      "finish_reason": "stop"}], "weight_version": 0})
+
+    async def agent(base_url, model, seed):
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"{base_url}/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "colour?"}],
+                "temperature": 0.3, "top_p": 0.5, "max_tokens": 50})
+        return float(answer.json()["choices"][0]["message"]["content"] == "red")
+
+    client = TrainClient("http://inference", transport=httpx.MockTransport(handle), max_retries=0)
+    app = create_interception_app(renderer, client, ImageStore(tmp_path / "store"), model_name="m")
+    with running(app) as url:
+        host = InterceptionHost(app, url, renderer, "m", client)
+        batch = asyncio.run(play_agent_groups(FunctionAgent("a", agent, {}), [0], ["g"], 2, host, sampling=override))
+    expected = (0.3, 0.5, 50) if override is None else (1.0, 1.0, 4)
+    assert [(a["temperature"], a["top_p"], a["max_tokens"]) for a in asked] == [expected] * 2
+    assert [t.nodes[0].temperature for t in batch.traces] == [expected[0]] * 2  # the trainer scores at it
+    assert [t.reward for t in batch.traces] == [1.0, 1.0] and not app.state.overrides
 
 
 @pytest.mark.timeout(300)

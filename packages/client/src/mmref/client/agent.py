@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mmref.client.environment import describe
 from mmref.client.errors import EnvFailedError
+from mmref.client.interception import SamplingOverride
 from mmref.client.rollout import DroppedGroup, GroupBatch
 from mmref.client.trace import Trace
 from mmref.client.train_client import TrainClient
@@ -83,13 +84,18 @@ class AgentHost(Protocol):
     def session_url(self, session: str) -> str:
         """The OpenAI ``base_url`` of ``session`` (``.../sessions/<session>/v1``)."""
 
+    def open_session(self, session: str, sampling: SamplingOverride | None) -> None:
+        """Start ``session``; its calls sample with ``sampling`` applied (None: as they ask)."""
+
     def take_traces(self, session: str, reward: float, group_id: str) -> list[Trace]:
         """The session's episodes as traces with ``reward``, forgetting the session."""
 
 
-async def run_agent(agent: Agent, host: AgentHost, seed: int, group_id: str) -> list[Trace]:
+async def run_agent(agent: Agent, host: AgentHost, seed: int, group_id: str,
+                    sampling: SamplingOverride | None = None) -> list[Trace]:
     """One rollout in a fresh session; anything the agent raises becomes ``EnvFailedError``."""
     session = f"{group_id}-{uuid.uuid4().hex[:8]}"
+    host.open_session(session, sampling)
     try:
         reward = await agent.run(host.session_url(session), host.model, seed)
         if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
@@ -104,13 +110,17 @@ async def run_agent(agent: Agent, host: AgentHost, seed: int, group_id: str) -> 
 
 
 async def play_agent_groups(agent: Agent, seeds: Sequence[int], group_ids: Sequence[str], size: int,
-                            host: AgentHost, concurrency: int = 64) -> GroupBatch:
-    """``size`` rollouts of each seed, concurrently (at most ``concurrency``); a failed rollout drops its group."""
+                            host: AgentHost, concurrency: int = 64,
+                            sampling: SamplingOverride | None = None) -> GroupBatch:
+    """``size`` rollouts of each seed, concurrently (at most ``concurrency``); a failed rollout drops its group.
+
+    ``sampling`` is applied to every call of the rollouts (the run's sampling; None: the agent's own).
+    """
     limit = asyncio.Semaphore(concurrency)
 
     async def member(seed: int, gid: str) -> list[Trace]:
         async with limit:
-            return await run_agent(agent, host, seed, gid)
+            return await run_agent(agent, host, seed, gid, sampling)
 
     async def group(seed: int, gid: str) -> list[Trace] | DroppedGroup:
         results = await asyncio.gather(*(member(seed, gid) for _ in range(size)), return_exceptions=True)
@@ -138,7 +148,12 @@ class InterceptionHost:
     def session_url(self, session: str) -> str:
         return f"{self.url}/sessions/{session}/v1"
 
+    def open_session(self, session: str, sampling: SamplingOverride | None) -> None:
+        if sampling is not None:
+            self.app.state.overrides[session] = sampling
+
     def take_traces(self, session: str, reward: float, group_id: str) -> list[Trace]:
+        self.app.state.overrides.pop(session, None)
         found = self.app.state.sessions.pop(session, None)
         episodes = range(len(found.episodes)) if found is not None else range(0)
         return [found.trace(self.renderer, i, reward, group_id) for i in episodes]

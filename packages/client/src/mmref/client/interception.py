@@ -34,7 +34,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,25 @@ class Session:
 
 
 @dataclass(frozen=True)
+class SamplingOverride:
+    """What a training run imposes on an agent session's calls.
+
+    ``temperature`` and ``top_p`` replace the agent's values; ``max_tokens`` caps them. A field
+    left ``None`` keeps what the agent asks for.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+    def apply(self, sampling: Sampling) -> Sampling:
+        return replace(sampling,
+                       temperature=sampling.temperature if self.temperature is None else self.temperature,
+                       top_p=sampling.top_p if self.top_p is None else self.top_p,
+                       max_tokens=min(sampling.max_tokens, self.max_tokens or sampling.max_tokens))
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """The parts of an OpenAI chat request that mmref reads."""
 
@@ -182,12 +201,17 @@ def openai_error(status: int, message: str, kind: str, param: str | None = None)
 
 def create_interception_app(renderer: Any, client: TrainClient, store: ImageStore, model_name: str = "mmref",
                             trace_dir: str | Path | None = None) -> FastAPI:
-    """The interception app; ``app.state.sessions`` maps each session id to its ``Session``."""
+    """The interception app; ``app.state.sessions`` maps each session id to its ``Session``.
+
+    ``app.state.overrides`` maps a session id to the ``SamplingOverride`` its calls get (a
+    training run's sampling); sessions not in it sample as their calls ask.
+    """
     app = FastAPI(title="mmref interception")
     if trace_dir is not None:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
     sessions: dict[str, Session] = {}
-    app.state.sessions = sessions
+    overrides: dict[str, SamplingOverride] = {}
+    app.state.sessions, app.state.overrides = sessions, overrides
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405
@@ -222,6 +246,8 @@ def create_interception_app(renderer: Any, client: TrainClient, store: ImageStor
         current = sessions[session_id].episodes[-1].last if session_id in sessions else None
         try:
             request = ChatRequest.parse(body)
+            if session_id in overrides:
+                request = replace(request, sampling=overrides[session_id].apply(request.sampling))
             messages, _ = prepare_images(request.messages, store, renderer.spec)
             parsed = parse_messages(messages)
             rendered = current.bridge(renderer, parsed, request.tools) if current is not None else None

@@ -10,6 +10,8 @@ from __future__ import annotations
 from mmref.client.environment import Environment, EnvironmentSource, accepts_keyword
 from mmref.client.envs.loader import load_environment, resolve_factory
 from mmref.client.errors import EnvLoadError
+from mmref.client.interception import SamplingOverride
+from mmref.client.train_client import Sampling
 from mmref.trainer.run_config import RunConfig
 
 
@@ -34,3 +36,19 @@ def eval_episodes(source: EnvironmentSource, split: str, limit: int) -> list[Env
     if callable(getattr(source, "eval_episodes", None)):
         return list(source.eval_episodes(limit, split=split))
     return [source.episode(EVAL_SEED_BASE + i) for i in range(limit)]
+
+
+def run_sampling(config: RunConfig, evaluating: bool = False) -> Sampling:
+    """The run's sampling: ``[rollout]``'s, or greedy-or-``eval.temperature`` with top_p 1 in evaluations."""
+    cfg = config.rollout
+    if evaluating:
+        return Sampling(temperature=config.eval.temperature, max_tokens=cfg.max_tokens)
+    return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+
+
+def agent_sampling(config: RunConfig, evaluating: bool = False) -> SamplingOverride | None:
+    """What agents' calls get under ``rollout.agent_sampling``: the run's sampling ("run"), or their own ("agent")."""
+    if config.rollout.agent_sampling == "agent":
+        return None
+    sampling = run_sampling(config, evaluating)
+    return SamplingOverride(sampling.temperature, sampling.top_p, sampling.max_tokens)

@@ -17,9 +17,9 @@ from mmref.client.environment import EnvironmentSource
 from mmref.client.errors import EnvFailedError
 from mmref.client.rollout import play_groups
 from mmref.client.trace import Trace
-from mmref.client.train_client import Sampling, TrainClient
+from mmref.client.train_client import TrainClient
 from mmref.renderers.store import ImageStore
-from mmref.trainer.environments import EVAL_SEED_BASE, eval_episodes
+from mmref.trainer.environments import EVAL_SEED_BASE, agent_sampling, eval_episodes, run_sampling
 from mmref.trainer.run_config import RunConfig
 
 
@@ -44,17 +44,17 @@ async def evaluate(source: EnvironmentSource | Agent, config: RunConfig, rendere
                    store: ImageStore, weight_version: int, agents: AgentHost | None = None) -> EvalResult:
     """Play ``config.eval.num_examples`` held-out episodes of ``config.eval.split`` once each.
 
-    An agent (served by ``agents``) plays seeds training never draws, at the temperature its own calls ask for.
+    An agent (served by ``agents``) plays seeds training never draws, sampling as ``rollout.agent_sampling`` says.
     """
     cfg = config.eval
     ids = [f"eval-v{weight_version}-{i}" for i in range(cfg.num_examples)]
     if agents is not None:
         seeds = [EVAL_SEED_BASE + i for i in range(cfg.num_examples)]
-        batch = await play_agent_groups(source, seeds, ids, 1, agents, config.rollout.concurrency)
+        batch = await play_agent_groups(source, seeds, ids, 1, agents, config.rollout.concurrency,
+                                        agent_sampling(config, evaluating=True))
     else:
         envs = eval_episodes(source, cfg.split, cfg.num_examples)
-        sampling = Sampling(temperature=cfg.temperature, max_tokens=config.rollout.max_tokens)
-        batch = await play_groups([[env] for env in envs], renderer, client, store, sampling,
+        batch = await play_groups([[env] for env in envs], renderer, client, store, run_sampling(config, True),
                                   concurrency=config.rollout.concurrency, group_ids=ids[:len(envs)])
     if not batch.groups:
         raise EnvFailedError(f"evaluation of weight version {weight_version}: all {len(batch.dropped)} episodes "

@@ -35,11 +35,11 @@ from mmref.client.environment import vocabulary_of
 from mmref.client.errors import EnvFailedError
 from mmref.client.rollout import DroppedGroup, GroupBatch, ResetCopies, RolloutClock, play_groups
 from mmref.client.trace import Trace
-from mmref.client.train_client import Sampling, TrainClient
+from mmref.client.train_client import TrainClient
 from mmref.renderers import ImageStore
 from mmref.renderers.render import create_renderer
 from mmref.trainer.agent_host import host_agents
-from mmref.trainer.environments import run_environment
+from mmref.trainer.environments import agent_sampling, run_environment, run_sampling
 from mmref.trainer.evaluation import EvalResult, evaluate
 from mmref.trainer.export import StepExports
 from mmref.trainer.inference.engine import TransformersEngine
@@ -196,7 +196,7 @@ class Orchestrator:
         clock, generated, batches, start = RolloutClock(), engine.generate_s, engine.batches, time.perf_counter()
         if self.agents is not None:  # agent code against its own session URL; requests go through the host
             batch, dropped = await play_agent_groups(self.env, seeds, ids, cfg.group_size, self.agents,
-                                                     cfg.concurrency), []
+                                                     cfg.concurrency, agent_sampling(self.config)), []
         else:
             batch, dropped = await self.play_episodes(client, step, seeds, ids, clock)
         self.draws[step] = DrawState.capture(self.rng, self.env)
@@ -226,7 +226,7 @@ class Orchestrator:
                 dropped.append(DroppedGroup(group_id, cfg.group_size, exc))
         if hasattr(self.env, "state_dict"):
             self.data_positions[step] = self.env.state_dict()
-        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        sampling = run_sampling(self.config)
         # A group's members open alike (same seed): turn one is one n=group_size request per group.
         batch = await play_groups(groups, self.renderer, client, self.store, sampling, concurrency=cfg.concurrency,
                                   group_ids=played, clock=clock)

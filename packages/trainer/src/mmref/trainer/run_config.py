@@ -72,6 +72,10 @@ class RolloutConfig(_Section):
     # reward; "turn" gives each turn's tokens its return-to-go (the reward from that turn on),
     # normalized per turn within the group, so a turn is not credited for earlier turns.
     credit: Literal["episode", "turn"] = "episode"
+    # Agent environments: "run" gives every call of an agent this section's temperature and
+    # top_p (eval: eval.temperature) and caps its max_tokens at max_tokens; "agent" samples
+    # as the agent's own calls ask.
+    agent_sampling: Literal["run", "agent"] = "run"
 
 
 class TransportConfig(_Section):
