@@ -167,3 +167,66 @@ def test_idle_connections_are_kept_for_every_concurrent_request():
 
     requests = asyncio.run(go())
     assert requests == 61 and len(opened) == 30
+
+
+def batched(results_of, seen):
+    """A stand-in server for batch requests: ``results_of(bodies)`` gives the response JSON."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 64}]})
+        assert request.url.path == "/inference/v1/generate_batch"
+        bodies = json.loads(request.content)["requests"]
+        seen.append(bodies)
+        return httpx.Response(200, json=results_of(bodies))
+    return httpx.MockTransport(handle)
+
+
+def generate_all(client, prompts, sampling=Sampling(n=1)):
+    async def run():
+        async with client:
+            return await asyncio.gather(*(client.generate(Rendered(token_ids=p), sampling) for p in prompts),
+                                        return_exceptions=True)
+    return asyncio.run(run())
+
+
+def test_calls_made_together_go_out_as_one_batch_and_each_gets_its_own_answer():
+    seen = []
+
+    def answer(bodies):  # echo each prompt's last id back as its completion
+        return {"results": [{"status": 200, "body": {"choices": [{"token_ids": [b["token_ids"][-1]], "logprobs": [-1.0],
+                                                                  "finish_reason": "stop"}], "weight_version": 7}}
+                            for b in bodies]}
+
+    client = TrainClient("http://s", transport=batched(answer, seen), batch=True)
+    results = generate_all(client, [[1, 2, 10 + i] for i in range(5)])
+    assert [len(bodies) for bodies in seen] == [5] and client.requests == 2  # /v1/models + one batch
+    assert [r.completions[0].token_ids for r in results] == [[10 + i] for i in range(5)]
+    assert {r.weight_version for r in results} == {7}
+
+
+def test_a_batch_larger_than_max_batch_is_split():
+    seen = []
+    ok = {"status": 200, "body": OK[1]}
+    client = TrainClient("http://s", transport=batched(lambda bodies: {"results": [ok] * len(bodies)}, seen),
+                         batch=True, max_batch=4)
+    results = generate_all(client, [[1, 2, 3]] * 10)
+    assert [len(bodies) for bodies in seen] == [4, 4, 2] and all(r.completions for r in results)
+
+
+def test_a_bad_request_in_a_batch_fails_alone_with_its_typed_error():
+    def answer(bodies):
+        return {"results": [{"status": 400, "body": {"error": {"message": "image slot 0: bad ref"}}}
+                            if b["token_ids"][0] == 9 else {"status": 200, "body": OK[1]} for b in bodies]}
+
+    results = generate_all(TrainClient("http://s", transport=batched(answer, []), batch=True),
+                           [[1, 2], [9, 2], [1, 3]])
+    assert isinstance(results[1], InferenceRequestError) and "image slot 0: bad ref" in str(results[1])
+    assert results[1].status == 400
+    assert [r.completions[0].token_ids for r in (results[0], results[2])] == [[5, 6], [5, 6]]
+
+
+@pytest.mark.parametrize("answer", [{"results": []}, {"nothing": 1}, {"results": [{"status": "x"}]}])
+def test_a_malformed_batch_answer_fails_every_call_as_a_server_error(answer):
+    results = generate_all(TrainClient("http://s", transport=batched(lambda bodies: answer, []), batch=True),
+                           [[1, 2], [3, 4]])
+    assert all(isinstance(r, InferenceServerError) for r in results), results

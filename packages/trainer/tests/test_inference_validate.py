@@ -129,3 +129,31 @@ def test_a_checkpoint_path_that_cannot_be_read_is_a_400(setup, path):
     response = asyncio.run(call())
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_checkpoint"
+
+
+def test_a_batch_answers_each_request_with_its_own_status_in_one_engine_batch(setup):
+    model, app, _, refs = setup
+    bad = body_for(refs)
+    bad["images"][1]["ref"] = "mmref:v9:abc"
+    batches = model.engine.batches
+
+    async def call():
+        async with client(app) as c:
+            return await c.post("/inference/v1/generate_batch", json={"requests": [body_for(refs, n=2), bad,
+                                                                                   body_for(refs[:1], n=2)]})
+    response = asyncio.run(call())
+    assert response.status_code == 200, response.text
+    [first, second, third] = response.json()["results"]
+    assert (first["status"], second["status"], third["status"]) == (200, 400, 200)
+    assert "image slot 1: unknown ref contract version v9" in second["body"]["error"]["message"]
+    assert [len(r["body"]["choices"]) for r in (first, third)] == [2, 2]
+    assert model.engine.batches - batches == 1  # the good requests (equal sampling) sampled together
+
+
+def test_an_empty_or_malformed_batch_is_a_400(setup):
+    _, app, _, _ = setup
+    for body in ({"requests": []}, {"requests": [{"token_ids": []}]}, {"reqs": []}):
+        async def call():
+            async with client(app) as c:
+                return await c.post("/inference/v1/generate_batch", json=body)
+        assert asyncio.run(call()).status_code == 400

@@ -49,5 +49,5 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
 
 
 async def _evaluate(orch: Orchestrator, url: str, version: int) -> EvalResult:
-    async with TrainClient(url) as client:
+    async with TrainClient(url, batch=True) as client:
         return await orch.evaluate(client, version)

@@ -348,7 +348,7 @@ async def _steps(orch: Orchestrator, trainer: RLTrainer, base_url: str, progress
     config = orch.config
     history = []
     # Evaluation has its own client: the steps' request counters stay the rollouts' own.
-    async with TrainClient(base_url) as client, TrainClient(base_url) as eval_client:
+    async with TrainClient(base_url, batch=True) as client, TrainClient(base_url, batch=True) as eval_client:
         first = orch.start_step  # 0, or the steps a resumed run had done
         evals = [await orch.evaluate(eval_client, 0)] if config.eval.before_training and first == 0 else []
         pending = asyncio.create_task(orch.collect(client, first))

@@ -5,6 +5,10 @@
      "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 32, "stop_token_ids": [], "n": 1, "seed": null}}
     -> {"choices": [{"token_ids": [...], "logprobs": [...], "finish_reason": "stop"}], "weight_version": 0}
 
+    POST /inference/v1/generate_batch     (several prompts in one HTTP request: a step's groups)
+    {"requests": [<generate request>, ...]}
+    -> {"results": [{"status": 200, "body": <generate response>}, {"status": 400, "body": {"error": ...}}, ...]}
+
 Logprobs are of the sampled tokens under the sampling distribution with image special
 tokens removed (``masked_log_softmax(logits / temperature)``; top-p truncation is not
 folded in). Errors are ``{"error": {"message", "type", "detail"}}`` with a 4xx/5xx status.
@@ -44,6 +48,14 @@ class GenerateRequest(BaseModel):
     token_ids: list[int] = Field(min_length=1)
     images: list[WireSlot] = Field(default_factory=list)
     sampling: SamplingParams = SamplingParams()
+
+
+class GenerateBatchRequest(BaseModel):
+    """Generate requests answered together; each result carries the status its own request would get."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: list[GenerateRequest] = Field(min_length=1, max_length=1024)
 
 
 class Choice(BaseModel):

@@ -3,6 +3,7 @@
 | endpoint                     | does                                                        |
 |------------------------------|-------------------------------------------------------------|
 | POST /inference/v1/generate  | validate refs, load features (cached), sample, logprobs     |
+| POST /inference/v1/generate_batch | several generate requests, sampled together, one result each |
 | GET  /v1/models              | the served model: fingerprint, identity, engine, version    |
 | POST /update_weights         | load a checkpoint directory; returns the new weight version |
 | GET  /health                 | liveness, weight version, engine seconds and batches        |
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmref.renderers.errors import AssetNotFoundError, MMRefError
 from mmref.renderers.store import ImageStore
-from mmref.trainer.inference.api import GenerateRequest, GenerateResponse, UpdateWeightsRequest
+from mmref.trainer.inference.api import GenerateBatchRequest, GenerateRequest, GenerateResponse, UpdateWeightsRequest
 from mmref.trainer.inference.feature_cache import FeatureCache
 from mmref.trainer.inference.metrics import ServerMetrics
 from mmref.trainer.inference.serving import ServedModel
@@ -35,8 +36,12 @@ from mmref.trainer.pixels import decoded_image, process_pixels
 ENGINE_COUNTERS = ("generate_s", "batches", "load_s")  # cumulative, reported by GET /health
 
 
+def error_body(message: str, kind: str, detail: dict | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "detail": detail or {}}}
+
+
 def error_response(status: int, message: str, kind: str, detail: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "detail": detail or {}}}, status_code=status)
+    return JSONResponse(error_body(message, kind, detail), status_code=status)
 
 
 def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 2**20) -> FastAPI:
@@ -54,24 +59,35 @@ def create_app(served: ServedModel, store: ImageStore, cache_bytes: int = 512 * 
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # unparsable body, 404, 405
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    @app.post("/inference/v1/generate")
-    async def generate(body: GenerateRequest) -> JSONResponse:
+    async def answer(body: GenerateRequest) -> tuple[int, dict]:
+        """One generate request's status and JSON body; bad input is a 4xx, an engine fault a 500."""
         start = time.perf_counter()
         try:
             with getattr(served.engine, "arriving", nullcontext)():  # lets the engine batch this request
                 response = await _generate(served, cache, body)
             metrics.tokens_generated += sum(len(c.token_ids) for c in response.choices)
-            result = JSONResponse(response.model_dump())
+            status, payload = 200, response.model_dump()
         except RequestError as exc:
-            result = error_response(exc.status, str(exc), exc.kind, exc.detail)
+            status, payload = exc.status, error_body(str(exc), exc.kind, exc.detail)
         except AssetNotFoundError as exc:
-            result = error_response(400, str(exc), "image_not_found")
+            status, payload = 400, error_body(str(exc), "image_not_found")
         except MMRefError as exc:
-            result = error_response(400, str(exc), "invalid_image")
+            status, payload = 400, error_body(str(exc), "invalid_image")
         except Exception as exc:  # an engine fault: the server stays up and says what broke
-            result = error_response(500, f"engine error: {type(exc).__name__}: {exc}", "server_error")
-        metrics.observe(result.status_code, time.perf_counter() - start)
-        return result
+            status, payload = 500, error_body(f"engine error: {type(exc).__name__}: {exc}", "server_error")
+        metrics.observe(status, time.perf_counter() - start)
+        return status, payload
+
+    @app.post("/inference/v1/generate")
+    async def generate(body: GenerateRequest) -> JSONResponse:
+        status, payload = await answer(body)
+        return JSONResponse(payload, status_code=status)
+
+    @app.post("/inference/v1/generate_batch")
+    async def generate_batch(body: GenerateBatchRequest) -> JSONResponse:
+        # Concurrently: the engine sees every request at once and samples them as one batch.
+        results = await asyncio.gather(*(answer(request) for request in body.requests))
+        return JSONResponse({"results": [{"status": status, "body": payload} for status, payload in results]})
 
     @app.get("/v1/models")
     async def models() -> dict:
