@@ -94,7 +94,9 @@ def save_checkpoint(model: PreTrainedModel, directory: str | Path, family: str, 
         os.replace(tmp / f"shard-{i}.tmp", tmp / final)
         weight_map.update(dict.fromkeys(names, final))
     (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    model.config.save_pretrained(tmp)
+    # Every field, not the diff against a default config: building that default costs ~20 ms
+    # (validated dataclasses), every step; from_pretrained reads either.
+    (tmp / "config.json").write_text(model.config.to_json_string(use_diff=False))
     (tmp / "mmref.json").write_text(json.dumps({"family": family, "weight_version": weight_version}))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
