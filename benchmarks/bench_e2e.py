@@ -272,7 +272,7 @@ def to_target(args: argparse.Namespace, threshold: float = 0.9) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="measured steps of each run after one warm-up step")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps of each run after one warm-up step")
     parser.add_argument("--to-0.9", dest="to_target", action="store_true", help="time to a 5-step mean reward of 0.9")
     parser.add_argument("--max-steps", type=int, default=200, help="bare loop's step limit in --to-0.9")
     parser.add_argument("--anchor", help="path of the anchor script to time in the same run (never imported)")
