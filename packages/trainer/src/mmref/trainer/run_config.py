@@ -104,6 +104,10 @@ class TrainConfig(_Section):
     # starting weights (k3 estimator, see mmref.trainer.loss); metrics report it as ref_kl.
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)  # exploration bonus: keeps small policies from collapsing early
+    # Truncated importance sampling (see mmref.trainer.loss): each token's policy-gradient term times
+    # min(exp(trainer logprob - sampler logprob), tis_cap), detached. None or 0: off (the default: the
+    # tiny CPU runs sample and train with the same transformers code, where the weight is ~1).
+    tis_cap: float | None = Field(None, ge=0)
     max_seq_len: int = Field(2048, ge=16)
     # Trainer ranks under torchrun, fed micro-batches of refs over ZMQ; 0 trains inside the
     # orchestrator's process instead (no torchrun, no transport: the quickest start on a laptop).
