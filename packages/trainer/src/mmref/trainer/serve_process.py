@@ -1,9 +1,10 @@
-"""``mmref serve`` as a child process on a free port: the inference node of a remote run, on one machine.
+"""``mmref serve`` as a child process on a free port: the inference server of a run, on this machine.
 
     with ServeProcess(model_dir, store, log_path, engine="vllm") as server:
-        run_rl(config.model_copy(...inference.url = server.url...))
+        ...  # server.url answers like any `mmref serve`; stopped (and waited for) on exit, also on error
 
-Used by the GPU smoke run (a vLLM server beside the trainer) and the remote-inference tests.
+``mmref rl`` starts one for ``inference.process = "child"`` (``child_server``: its flags from
+the run config); the remote-inference tests start them by hand.
 """
 
 from __future__ import annotations
@@ -11,39 +12,47 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 import httpx
 
+from mmref.trainer.errors import InferenceStartError
 from mmref.trainer.inference.threaded import free_port
+from mmref.trainer.run_config import InferenceConfig, ModelConfig
 
 
 class ServeProcess:
-    """``python -m mmref.trainer.cli serve --model DIR`` on ``127.0.0.1:<free port>``, output to ``log``."""
+    """``python -m mmref.trainer.cli serve --model DIR`` on ``127.0.0.1:<free port>``, output to ``log``.
+
+    ``flags``: more ``mmref serve`` flags (``serve_flags``).
+    """
 
     def __init__(self, model: str | Path, store: str | Path, log: Path, engine: str = "transformers",
-                 device: str = "cpu", startup_s: float = 600.0) -> None:
+                 device: str = "cpu", startup_s: float = 600.0, flags: Sequence[str] = ()) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log, self.startup_s = log, startup_s
         self._out: IO[bytes] = log.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "serve", "--model", str(model),
                                       "--store", str(store), "--port", self.url.rsplit(":", 1)[1],
-                                      "--engine", engine, "--device", device],
+                                      "--engine", engine, "--device", device, *flags],
                                      stdout=self._out, stderr=subprocess.STDOUT)
 
     def wait(self) -> ServeProcess:
-        """Block until ``GET /health`` answers; ``RuntimeError`` with the log's tail if it exits or times out."""
+        """Block until ``GET /health`` answers; ``InferenceStartError`` with the log's tail if it exits or times out."""
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mmref serve exited with code {self.proc.returncode}: {self._tail()}")
+                raise InferenceStartError(f"mmref serve exited with code {self.proc.returncode} "
+                                          f"(log {self.log}): {self._tail()}")
             try:
                 httpx.get(f"{self.url}/health", timeout=1).raise_for_status()
                 return self
             except httpx.HTTPError:
                 time.sleep(0.2)
-        raise RuntimeError(f"mmref serve did not answer within {self.startup_s:.0f}s: {self._tail()}")
+        raise InferenceStartError(f"mmref serve did not answer within {self.startup_s:.0f}s (log {self.log}): "
+                                  f"{self._tail()}")
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()
@@ -59,7 +68,11 @@ class ServeProcess:
         self._out.close()
 
     def __enter__(self) -> ServeProcess:
-        return self.wait()
+        try:
+            return self.wait()
+        except BaseException:  # a server that never came up is still stopped (no orphan)
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -67,3 +80,19 @@ class ServeProcess:
     def _tail(self, lines: int = 20) -> str:
         self._out.flush()
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def serve_flags(inference: InferenceConfig, model: ModelConfig, dtype: str) -> list[str]:
+    """The ``mmref serve`` flags of a run's server: the model's pixel limits, ``dtype`` and the server keys set."""
+    values = {"min_pixels": model.min_pixels, "max_pixels": model.max_pixels, "dtype": dtype,
+              "max_model_len": inference.max_model_len, "gpu_memory_utilization": inference.gpu_memory_utilization,
+              "tensor_parallel_size": inference.tensor_parallel_size}
+    return [arg for key, value in values.items() if value is not None
+            for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def child_server(model_dir: Path, store: str | Path, run_dir: Path, inference: InferenceConfig, model: ModelConfig,
+                 device: str, dtype: str) -> ServeProcess:
+    """The run's own ``mmref serve`` (not yet waited for), its output in ``<run_dir>/inference.log``."""
+    return ServeProcess(model_dir, store, run_dir / "inference.log", engine=inference.engine, device=device,
+                        flags=serve_flags(inference, model, dtype))

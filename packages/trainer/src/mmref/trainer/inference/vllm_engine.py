@@ -99,7 +99,8 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | Path, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
                  vocab_size: int, max_model_len: int | None = None, weight_version: int = 0,
-                 **engine_args: Any) -> None:
+                 dtype: str = "float32", **engine_args: Any) -> None:
+        """``engine_args`` go to ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``, ``tensor_parallel_size``...)."""
         import torch
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -109,7 +110,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if not torch.cuda.is_available():  # on CPU this fraction reserves host memory; vLLM's 0.92 is the machine
             engine_args.setdefault("gpu_memory_utilization", 0.25)
-        args = AsyncEngineArgs(model=str(model_dir), max_model_len=max_model_len, dtype="float32",
+        args = AsyncEngineArgs(model=str(model_dir), max_model_len=max_model_len, dtype=dtype,
                                logprobs_mode="processed_logprobs", enforce_eager=True,
                                **engine_args)
         self.llm = AsyncLLM.from_engine_args(args)
