@@ -3,7 +3,9 @@
 - Prompt: ``TokensPrompt(prompt_token_ids, multi_modal_data={"image": [PIL...]},
   multi_modal_uuids={"image": [sha256...]})``: the ids already hold the expanded pads,
   and vLLM's multimodal cache keys on our content hash. vLLM processes pixels itself, so
-  this engine takes decoded, hash-verified images (``input_kind = "images"``), not features.
+  this engine takes decoded, hash-verified images (``input_kind = "images"``), not features,
+  already resized to the processor's target size (``pixels.processor_sized``): vLLM's torchvision
+  processor then only normalizes and patchifies, the same pixels as the trainer's PIL processor.
 - Sampling: image special tokens get a -100 logit bias (never sampled), and the engine runs
   with ``logprobs_mode="processed_logprobs"`` so reported logprobs are under that mask.
 - Weights: ``collective_rpc("reload_weights", weights_path=...)``, vLLM's in-place reload:
