@@ -106,4 +106,4 @@ class InferenceUnreachableError(TrainerError, ConnectionError):
 
 
 class InferenceStartError(TrainerError, RuntimeError):
-    """A child ``mmref serve`` (``inference.process = "child"``) exited or did not answer in time; has its log's tail."""
+    """The run's child ``mmref serve`` (``inference.process = "child"``) exited or never answered (log tail)."""
