@@ -58,6 +58,7 @@ def test_inference_mode_defaults_by_engine(overrides, mode):
     (["inference.engine='vllm'", "inference.process='in_process'"], "runs in a server process"),
     (["inference.url='http://h:1'", "inference.max_model_len=512"], "inference.max_model_len sets up a server"),
     (["inference.url='http://h:1'", "inference.process='child'"], "inference.process sets up a server"),
+    (["inference.url='http://h:1'", "inference.port=9000"], "inference.port sets up a server"),
 ])
 def test_inference_keys_that_would_be_ignored_are_refused(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -136,13 +136,13 @@ class Orchestrator:
                            engine, self.renderer.image_pad_id)
 
     @contextlib.contextmanager
-    def inference_server(self) -> Iterator[str]:
+    def inference_server(self, weight_version: int = 0) -> Iterator[str]:
         """The base URL rollouts call (``inference.mode``: this process's server, the run's child, or ``url``).
 
-        A server in another process starts from the model directory's weights; a resumed run
-        pushes it the restored ones first, as weight version ``start_step``.
+        A server in another process starts from the model directory's weights (``weight_version``:
+        what it must report); a resumed run pushes it the restored ones first, as ``start_step``.
         """
-        with rollout_server(self.served, self.store, self.config.inference, self.expected_model(),
+        with rollout_server(self.served, self.store, self.config.inference, self.expected_model(weight_version),
                             self.child_server) as url:
             if self.served is None:
                 self.engine = RemoteEngineCounters(url)
@@ -164,9 +164,11 @@ class Orchestrator:
         """Absolute: a server in another process and trainer nodes read these paths (a shared filesystem)."""
         return self.run.root.resolve() / "checkpoints"
 
-    def expected_model(self) -> ExpectedModel:
-        """What a remote server must serve: this run's model directory, fresh, on the configured engine."""
-        return ExpectedModel(self.spec.fingerprint, model_identity(self.model_dir), self.config.inference.engine)
+    def expected_model(self, weight_version: int = 0) -> ExpectedModel:
+        """What a remote server must serve: this run's model directory, fresh (``weight_version``: a step export's
+        own), on the configured engine."""
+        return ExpectedModel(self.spec.fingerprint, model_identity(self.model_dir), self.config.inference.engine,
+                             weight_version)
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""

@@ -158,7 +158,7 @@ class InferenceConfig(_Section):
     With ``url`` the server must serve this run's model directory (``model.path``; checked
     against its ``/v1/models`` fingerprint and identity), read the run's ``store`` and read
     the checkpoints the trainer writes under ``output_dir``: a shared filesystem.
-    ``host``/``port`` are the in-process server's.
+    ``host``/``port`` are where the server ``mmref rl`` starts listens (in process or child).
 
     Server keys (refused with ``url``: pass them to that ``mmref serve``): ``max_model_len`` caps
     prompt + completion tokens; ``dtype`` is the engine's (None: the trainer's, ``train.dtype``);
@@ -170,7 +170,7 @@ class InferenceConfig(_Section):
     process: Literal["in_process", "child"] | None = None
     url: str | None = Field(None, pattern=r"^https?://")
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port; refused with url (nothing listens here)
     max_model_len: int | None = Field(None, ge=16)
     dtype: Literal["float32", "bfloat16"] | None = None
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
@@ -185,7 +185,7 @@ class InferenceConfig(_Section):
 
     @model_validator(mode="after")
     def _keys_apply(self) -> InferenceConfig:
-        given = [key for key in SERVER_KEYS if getattr(self, key) is not None]
+        given = [key for key in SERVER_KEYS if getattr(self, key) is not None] + ["port"] * bool(self.port)
         if self.url and (given or self.process):
             key = given[0] if given else "process"
             raise ValueError(f"inference.{key} sets up a server mmref rl starts, but inference.url is a running "

@@ -24,18 +24,20 @@ from mmref.trainer.run_config import InferenceConfig, ModelConfig
 
 
 class ServeProcess:
-    """``python -m mmref.trainer.cli serve --model DIR`` on ``127.0.0.1:<free port>``, output to ``log``.
+    """``python -m mmref.trainer.cli serve --model DIR`` on ``host:port`` (0: a free one), output to ``log``.
 
     ``flags``: more ``mmref serve`` flags (``serve_flags``).
     """
 
     def __init__(self, model: str | Path, store: str | Path, log: Path, engine: str = "transformers",
-                 device: str = "cpu", startup_s: float = 600.0, flags: Sequence[str] = ()) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
+                 device: str = "cpu", startup_s: float = 600.0, flags: Sequence[str] = (), host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        port = port or free_port(host)
+        self.url = f"http://{host}:{port}"
         self.log, self.startup_s = log, startup_s
         self._out: IO[bytes] = log.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "serve", "--model", str(model),
-                                      "--store", str(store), "--port", self.url.rsplit(":", 1)[1],
+                                      "--store", str(store), "--host", host, "--port", str(port),
                                       "--engine", engine, "--device", device, *flags],
                                      stdout=self._out, stderr=subprocess.STDOUT)
 
@@ -93,6 +95,7 @@ def serve_flags(inference: InferenceConfig, model: ModelConfig, dtype: str) -> l
 
 def child_server(model_dir: Path, store: str | Path, run_dir: Path, inference: InferenceConfig, model: ModelConfig,
                  device: str, dtype: str) -> ServeProcess:
-    """The run's own ``mmref serve`` (not yet waited for), its output in ``<run_dir>/inference.log``."""
+    """The run's own ``mmref serve`` on ``inference.host``/``port`` (not yet waited for), its output in
+    ``<run_dir>/inference.log``."""
     return ServeProcess(model_dir, store, run_dir / "inference.log", engine=inference.engine, device=device,
-                        flags=serve_flags(inference, model, dtype))
+                        flags=serve_flags(inference, model, dtype), host=inference.host, port=inference.port)
