@@ -118,6 +118,25 @@ def test_rl_with_a_child_server_samples_there_pushes_weights_and_stops_it(childr
     assert read_checkpoint_meta(out / "checkpoints" / "latest")["weight_version"] == 2
 
 
+@pytest.mark.timeout(400)
+def test_a_resumed_run_pushes_its_child_the_restored_weights_before_sampling(children, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["rl", CONFIG, "--output-dir", str(out), "--set", "inference.process='child'", "--set", "checkpoint.every=1",
+            *[arg for s in SMALL for arg in ("--set", s)]]
+    assert main([*args, "--max-steps", "1"]) == 0
+    pushed: list[int] = []
+    real = orchestrator.post_checkpoint
+
+    def recording(directory, family, url):
+        publish = real(directory, family, url)
+        return lambda model, version: pushed.append(version) or publish(model, version)
+
+    monkeypatch.setattr(orchestrator, "post_checkpoint", recording)
+    assert main([*args, "--max-steps", "2", "--resume"]) == 0
+    assert pushed == [1, 2]  # step 1's restored weights before its rollouts, then step 1's update
+    assert all(child.proc.poll() is not None for child in children)
+
+
 def test_child_server_is_stopped_when_the_run_fails(children, tmp_path, monkeypatch):
     async def failing(orch, url, progress, task):
         assert children[0].proc.poll() is None and children[0].health()["status"] == "ok"

@@ -147,10 +147,14 @@ class Orchestrator:
             if self.served is None:
                 self.engine = RemoteEngineCounters(url)
                 if self.resumed is not None:
-                    restored = copy.deepcopy(self.policy)
-                    load_model_weights(restored, self.resumed.path)
-                    post_checkpoint(self.checkpoints / "latest", self.family, url)(restored, self.start_step)
+                    self.push_restored_weights(url)
             yield url
+
+    def push_restored_weights(self, url: str) -> None:
+        """Give the server at ``url`` the resumed state's weights, as weight version ``start_step``."""
+        restored = copy.deepcopy(self.policy)
+        load_model_weights(restored, self.resumed.path)
+        post_checkpoint(self.checkpoints / "latest", self.family, url)(restored, self.start_step)
 
     def child_server(self) -> ServeProcess:
         """``mmref serve`` of this run's model directory and store, serving in the trainer's dtype by default."""
