@@ -9,7 +9,7 @@ Both sides feed their processor the same image: ``processor_sized`` resizes it, 
 processor's own PIL resample, to the size the layout math gives (the ref's grid times the
 patch size). Whatever processor then sees it has nothing left to resize and only rescales,
 normalizes and patchifies: the trainer's PIL processor, and vLLM's torchvision one, whose own
-resize differs from PIL's (image logprobs differed by up to 0.07 before).
+resize (torch ``interpolate``) differs from PIL's.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The vLLM engine (optional extra ``vllm``): our requests in vLLM's types, served by ``AsyncLLM``.
 
 - Prompt: ``TokensPrompt(prompt_token_ids, multi_modal_data={"image": [PIL...]},
-  multi_modal_uuids={"image": [sha256...]})``: the ids already hold the expanded pads,
-  and vLLM's multimodal cache keys on our content hash. vLLM processes pixels itself, so
+  multi_modal_uuids={"image": [sha256...]})`` with each image's run of pads collapsed to one
+  pad: vLLM 0.32 expands every image pad of a token prompt itself (a run already expanded to
+  N pads became 2N - 1, shifting every later position), and its multimodal cache keys on our
+  content hash. vLLM processes pixels itself, so
   this engine takes decoded, hash-verified images (``input_kind = "images"``), not features,
   already resized to the processor's target size (``pixels.processor_sized``): vLLM's torchvision
   processor then only normalizes and patchifies, the same pixels as the trainer's PIL processor.
@@ -34,15 +36,36 @@ from mmref.trainer.pixels import DecodedImage
 BANNED_LOGIT_BIAS = -100.0
 
 
-def tokens_prompt(prompt_ids: list[int], images: Sequence[Any], image_sha256: Sequence[str]) -> dict[str, Any]:
-    """A vLLM ``TokensPrompt`` (a TypedDict) for a prompt whose pads are already expanded."""
+def tokens_prompt(prompt_ids: list[int], mm_token_type_ids: Sequence[int], images: Sequence[Any],
+                  image_sha256: Sequence[str]) -> dict[str, Any]:
+    """A vLLM ``TokensPrompt`` (a TypedDict) for a prompt whose pads are already expanded.
+
+    ``mm_token_type_ids`` (1 on image pads) marks the runs vLLM is given as one pad each and
+    expands again from the image (whose grid, computed by its processor, is the ref's).
+    """
     if len(images) != len(image_sha256):
         raise ValueError(f"{len(images)} images but {len(image_sha256)} hashes")
-    prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
+    ids = collapse_image_pads(prompt_ids, mm_token_type_ids)
+    runs = sum(mm_token_type_ids) - (len(prompt_ids) - len(ids))
+    if runs != len(images):
+        raise ValueError(f"{len(images)} images but {runs} runs of image pads in the prompt")
+    prompt: dict[str, Any] = {"prompt_token_ids": ids}
     if images:
         prompt["multi_modal_data"] = {"image": list(images)}
         prompt["multi_modal_uuids"] = {"image": list(image_sha256)}
     return prompt
+
+
+def collapse_image_pads(prompt_ids: Sequence[int], mm_token_type_ids: Sequence[int]) -> list[int]:
+    """``prompt_ids`` with each run of image-pad positions (type 1) cut to its first token.
+
+        >>> collapse_image_pads([7, 9, 9, 9, 8], [0, 1, 1, 1, 0])
+        [7, 9, 8]
+    """
+    if len(prompt_ids) != len(mm_token_type_ids):
+        raise ValueError(f"{len(prompt_ids)} token ids but {len(mm_token_type_ids)} token types")
+    return [token for i, (token, kind) in enumerate(zip(prompt_ids, mm_token_type_ids))
+            if not (kind and i > 0 and mm_token_type_ids[i - 1])]
 
 
 def sampling_kwargs(sampling: SamplingParams, banned_token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> dict:
@@ -128,7 +151,7 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
-        prompt = tokens_prompt(prompt_ids, [d.image for d in images], image_sha256)
+        prompt = tokens_prompt(prompt_ids, mm_token_type_ids, [d.image for d in images], image_sha256)
         kwargs = sampling_kwargs(sampling, sorted(self.image_token_ids), self.stop_token_ids)
         final = None
         try:  # vLLM's own limits (e.g. temperature <= 2) are the client's error, not the engine's
