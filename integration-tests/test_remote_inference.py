@@ -22,7 +22,7 @@ from mmref.trainer.errors import InferenceStartError, InferenceUnreachableError,
 from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.policy_setup import write_task_model_dir
 from mmref.trainer.rl import run_rl
-from mmref.trainer.serve_process import ServeProcess, child_server
+from mmref.trainer.serve_process import ServeProcess, child_server, group_alive
 from mmref.trainer.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_rl_with_a_child_server_samples_there_pushes_weights_and_stops_it(childr
     assert [m["step"] for m in metrics] == [0, 1]
     assert all(m["sync_bytes"] > 0 and m["sync_s_per_gb"] > 0 for m in metrics)  # checkpoint + POST each step
     (child,) = children
-    assert child.proc.poll() is not None  # stopped with the run
+    assert child.proc.poll() is not None and not group_alive(child.proc.pid)  # stopped with everything it started
     log = (out / "inference.log").read_text()
     assert f"mmref serve: {out / 'model'}" in log and "--engine" not in log
     assert read_checkpoint_meta(out / "checkpoints" / "latest")["weight_version"] == 2
@@ -147,7 +147,7 @@ def test_child_server_is_stopped_when_the_run_fails(children, tmp_path, monkeypa
                                       *SMALL])
     with pytest.raises(RuntimeError, match="the run failed"):
         run_rl(config, Console(quiet=True))
-    assert children[0].proc.poll() is not None
+    assert children[0].proc.poll() is not None and not group_alive(children[0].proc.pid)
 
 
 def test_vllm_child_without_vllm_is_one_typed_error_with_the_servers_log(children, tmp_path):
@@ -156,7 +156,7 @@ def test_vllm_child_without_vllm_is_one_typed_error_with_the_servers_log(childre
     assert config.inference.mode == "child"
     with pytest.raises(InferenceStartError, match=r"(?s)exited with code 2 .*inference\.log.*needs the 'vllm' extra"):
         run_rl(config, Console(quiet=True))
-    assert children[0].proc.poll() is not None
+    assert children[0].proc.poll() is not None and not group_alive(children[0].proc.pid)
 
 
 @pytest.mark.timeout(300)

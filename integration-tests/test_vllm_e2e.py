@@ -30,8 +30,10 @@ from mmref.trainer.inference.threaded import serve_in_thread  # noqa: E402
 from mmref.trainer.logprobs import token_logprobs  # noqa: E402
 from mmref.trainer.models import TinySize, build_tiny_model  # noqa: E402
 from mmref.trainer.pixels import decoded_image, process_pixels  # noqa: E402
+from mmref.trainer import orchestrator  # noqa: E402
 from mmref.trainer.rl import run_rl  # noqa: E402
 from mmref.trainer.run_config import load_run_config  # noqa: E402
+from mmref.trainer.serve_process import child_server, group_alive  # noqa: E402
 from mmref.trainer.smoke import SmokeModel, write_model  # noqa: E402
 
 SIZE = TinySize(num_heads=2, num_kv_heads=1)  # head_dim 32: vLLM's CPU attention has no kernel for 16
@@ -160,7 +162,14 @@ def test_weight_update_loads_the_new_weights_and_version(server, tmp_path):
     assert max_diff(teacher_logprobs(new, TEXT_PROMPT, text["token_ids"]), text["logprobs"]) <= 1e-3
 
 
-def test_mmref_rl_three_steps_sampling_from_its_child_vllm_server(tmp_path):
+def test_mmref_rl_three_steps_sampling_from_its_child_vllm_server(tmp_path, monkeypatch):
+    started = []
+
+    def recording(*args, **kwargs):
+        started.append(child_server(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(orchestrator, "child_server", recording)
     model_dir = write_model(SmokeModel("tiny", "qwen2-vl", SIZE), tmp_path)
     out = tmp_path / "run"
     config = load_run_config(None, [
@@ -180,3 +189,4 @@ def test_mmref_rl_three_steps_sampling_from_its_child_vllm_server(tmp_path):
     # Sampled and trained on the same weights (max_async = 0) in fp32: only the engines differ, and barely.
     assert all(m["mismatch_kl"] < 1e-4 and abs(m["tis_weight"] - 1) < 1e-2 for m in metrics)
     assert "mmref serve:" in (out / "inference.log").read_text()
+    assert not group_alive(started[0].proc.pid)  # the server and vLLM's engine core and workers: all gone

@@ -50,7 +50,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(served, ImageStore(args.store), cache_bytes=args.cache_mb * 2**20)
     print(f"mmref serve: {served.name} ({served.family}, fingerprint {served.spec.fingerprint[:12]}) "
           f"on http://{args.host}:{args.port}, store {args.store}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # returns on SIGTERM / Ctrl-C
+    finally:
+        getattr(served.engine, "shutdown", lambda: None)()  # vLLM: its engine core and workers
     return 0
 
 

@@ -9,6 +9,8 @@ the run config); the remote-inference tests start them by hand.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ class ServeProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "mmref.trainer.cli", "serve", "--model", str(model),
                                       "--store", str(store), "--host", host, "--port", str(port),
                                       "--engine", engine, "--device", device, *flags],
-                                     stdout=self._out, stderr=subprocess.STDOUT)
+                                     stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self) -> ServeProcess:
         """Block until ``GET /health`` answers; ``InferenceStartError`` with the log's tail if it exits or times out."""
@@ -60,13 +62,18 @@ class ServeProcess:
         return httpx.get(f"{self.url}/health", timeout=10).json()
 
     def stop(self) -> None:
+        """End the server and every process it started (its own session: vLLM's engine core and workers)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            _signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        _signal_group(self.proc.pid, signal.SIGKILL)  # whatever outlived the server
+        deadline = time.monotonic() + 10
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._out.close()
 
     def __enter__(self) -> ServeProcess:
@@ -82,6 +89,31 @@ class ServeProcess:
     def _tail(self, lines: int = 20) -> str:
         self._out.flush()
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of process group ``pgid`` still runs (a zombie, already dead, does not count)."""
+    if not Path("/proc/self/stat").exists():  # not Linux: any member, zombies too
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone while listed
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # nothing left in it
+        pass
 
 
 def serve_flags(inference: InferenceConfig, model: ModelConfig, dtype: str) -> list[str]:
