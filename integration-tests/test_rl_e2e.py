@@ -99,3 +99,20 @@ def test_vllm_engine_without_vllm_is_one_line_naming_the_extra(tmp_path, capsys)
     assert "InferenceStartError" in err and "needs the 'vllm' extra" in err and "Traceback" not in err
     metrics = tmp_path / "metrics.jsonl"
     assert not (metrics.exists() and metrics.read_text())  # nothing ran
+
+
+def test_in_process_engine_takes_the_inference_server_keys(tmp_path):
+    import torch
+    from rich.console import Console
+
+    from mmref.trainer.orchestrator import Orchestrator
+    from mmref.trainer.run_config import load_run_config
+
+    config = load_run_config(CONFIG, [f"output_dir='{tmp_path}'", "inference.max_model_len=512",
+                                      "inference.dtype='bfloat16'", "train.nproc=0"])
+    orch = Orchestrator(config, tmp_path, Console(quiet=True))
+    try:
+        engine = orch.served.engine
+        assert engine.max_model_len == 512 and next(engine.model.parameters()).dtype == torch.bfloat16
+    finally:
+        orch.loggers.close()

@@ -130,8 +130,8 @@ class Orchestrator:
             load_model_weights(serve_model, self.resumed.path)
         engine = TransformersEngine(serve_model, image_token_ids_of(self.policy), self.renderer.stop_token_ids,
                                     pad_token_id=self.renderer.stop_token_ids[0], device=self.device,
-                                    weight_version=self.start_step, dtype=resolve_dtype(self.config.train.dtype,
-                                                                                        self.device))
+                                    weight_version=self.start_step, dtype=self.serve_dtype(),
+                                    max_model_len=self.config.inference.max_model_len)
         return ServedModel(self.config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
                            engine, self.renderer.image_pad_id)
 
@@ -158,10 +158,12 @@ class Orchestrator:
 
     def child_server(self) -> ServeProcess:
         """``mmref serve`` of this run's model directory and store, serving in the trainer's dtype by default."""
-        inference = self.config.inference
-        dtype = inference.dtype or str(resolve_dtype(self.config.train.dtype, self.device)).removeprefix("torch.")
-        return child_server(self.model_dir, self.store.url, self.run.root, inference, self.config.model,
-                            self.device, dtype)
+        return child_server(self.model_dir, self.store.url, self.run.root, self.config.inference, self.config.model,
+                            self.device, str(self.serve_dtype()).removeprefix("torch."))
+
+    def serve_dtype(self) -> torch.dtype:
+        """The inference engine's dtype: ``inference.dtype``, else the trainer's (``train.dtype`` on this device)."""
+        return resolve_dtype(self.config.inference.dtype or self.config.train.dtype, self.device)
 
     @property
     def checkpoints(self) -> Path:
