@@ -1,4 +1,4 @@
-"""``mmref serve`` as a child process on a free port: the inference server of a run, on this machine.
+"""``mmref serve`` as a child process (its own session) on this machine: the inference server of a run.
 
     with ServeProcess(model_dir, store, log_path, engine="vllm") as server:
         ...  # server.url answers like any `mmref serve`; stopped (and waited for) on exit, also on error
