@@ -1,6 +1,8 @@
 """``mmref rl`` against a separate ``mmref serve`` process (``inference.url``) over loopback: the run's
 rewards, weight versions pushed to that server, a server of another model refused with one typed line, and
-the three roles (server, orchestrator, trainer rank started by hand) as separate processes."""
+the three roles (server, orchestrator, trainer rank started by hand) as separate processes; and the run's
+own child server (``inference.process = "child"``): used like a remote one, its log in the run directory,
+stopped at the end and on failure."""
 
 import json
 import subprocess
@@ -14,11 +16,13 @@ from rich.console import Console
 from mmref.client.environment import vocabulary_of
 from mmref.trainer.cli import main
 from mmref.trainer.environments import run_environment
-from mmref.trainer.errors import InferenceUnreachableError, ServedModelMismatchError
+from mmref.trainer import orchestrator, rl
+from mmref.trainer.checkpoint import read_checkpoint_meta
+from mmref.trainer.errors import InferenceStartError, InferenceUnreachableError, ServedModelMismatchError
 from mmref.trainer.inference.threaded import free_port
 from mmref.trainer.policy_setup import write_task_model_dir
 from mmref.trainer.rl import run_rl
-from mmref.trainer.serve_process import ServeProcess
+from mmref.trainer.serve_process import ServeProcess, child_server, group_alive
 from mmref.trainer.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +82,81 @@ def test_unreachable_inference_url_is_one_typed_line(servers, tmp_path):
         run_rl(config, Console(quiet=True))
 
 
-def test_vllm_engine_in_process_is_refused_but_a_remote_transformers_server_is_a_mismatch(servers, tmp_path):
+def test_vllm_engine_on_a_remote_transformers_server_is_a_mismatch(servers, tmp_path):
     model, store, (server, _) = servers
     base = [f"output_dir='{tmp_path / 'run'}'", f"model.path='{model}'", "inference.engine='vllm'", "max_steps=1", *SMALL]
-    with pytest.raises(ValueError, match="set inference.url"):
-        run_rl(load_run_config(CONFIG, base), Console(quiet=True))
     with pytest.raises(ServedModelMismatchError, match="has engine 'transformers' but this run needs 'vllm'"):
         run_rl(load_run_config(CONFIG, [*base, f"inference.url='{server.url}'"]), Console(quiet=True))
+
+
+@pytest.fixture
+def children(monkeypatch) -> list[ServeProcess]:
+    """Every child server ``mmref rl`` starts in this test, to check it is gone afterwards."""
+    started: list[ServeProcess] = []
+
+    def recording(*args, **kwargs) -> ServeProcess:
+        started.append(child_server(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(orchestrator, "child_server", recording)
+    return started
+
+
+@pytest.mark.timeout(300)
+def test_rl_with_a_child_server_samples_there_pushes_weights_and_stops_it(children, tmp_path):
+    out = tmp_path / "run"
+    code = main(["rl", CONFIG, "--max-steps", "2", "--output-dir", str(out), "--set", "inference.process='child'",
+                 *[arg for s in SMALL for arg in ("--set", s)]])
+    assert code == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert all(m["sync_bytes"] > 0 and m["sync_s_per_gb"] > 0 for m in metrics)  # checkpoint + POST each step
+    (child,) = children
+    assert child.proc.poll() is not None and not group_alive(child.proc.pid)  # stopped with everything it started
+    log = (out / "inference.log").read_text()
+    assert f"mmref serve: {out / 'model'}" in log and "--engine" not in log
+    assert read_checkpoint_meta(out / "checkpoints" / "latest")["weight_version"] == 2
+
+
+@pytest.mark.timeout(400)
+def test_a_resumed_run_pushes_its_child_the_restored_weights_before_sampling(children, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["rl", CONFIG, "--output-dir", str(out), "--set", "inference.process='child'", "--set", "checkpoint.every=1",
+            *[arg for s in SMALL for arg in ("--set", s)]]
+    assert main([*args, "--max-steps", "1"]) == 0
+    pushed: list[int] = []
+    real = orchestrator.post_checkpoint
+
+    def recording(directory, family, url):
+        publish = real(directory, family, url)
+        return lambda model, version: pushed.append(version) or publish(model, version)
+
+    monkeypatch.setattr(orchestrator, "post_checkpoint", recording)
+    assert main([*args, "--max-steps", "2", "--resume"]) == 0
+    assert pushed == [1, 2]  # step 1's restored weights before its rollouts, then step 1's update
+    assert all(child.proc.poll() is not None for child in children)
+
+
+def test_child_server_is_stopped_when_the_run_fails(children, tmp_path, monkeypatch):
+    async def failing(orch, url, progress, task):
+        assert children[0].proc.poll() is None and children[0].health()["status"] == "ok"
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(rl, "train_loop", failing)
+    config = load_run_config(CONFIG, [f"output_dir='{tmp_path / 'run'}'", "inference.process='child'", "max_steps=1",
+                                      *SMALL])
+    with pytest.raises(RuntimeError, match="the run failed"):
+        run_rl(config, Console(quiet=True))
+    assert children[0].proc.poll() is not None and not group_alive(children[0].proc.pid)
+
+
+def test_vllm_child_without_vllm_is_one_typed_error_with_the_servers_log(children, tmp_path):
+    config = load_run_config(CONFIG, [f"output_dir='{tmp_path / 'run'}'", "inference.engine='vllm'",
+                                      "inference.gpu_memory_utilization=0.5", "max_steps=1", *SMALL])
+    assert config.inference.mode == "child"
+    with pytest.raises(InferenceStartError, match=r"(?s)exited with code 2 .*inference\.log.*needs the 'vllm' extra"):
+        run_rl(config, Console(quiet=True))
+    assert children[0].proc.poll() is not None and not group_alive(children[0].proc.pid)
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,7 @@
 """``mmref rl`` end to end for a few steps: the run directory a user gets, trainer ranks under
 torchrun fed refs over ZMQ, no pixels on any hop, and a dead rank ending the run with its cause."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -90,8 +91,28 @@ def test_invalid_config_value_is_named_and_exits_2(tmp_path, capsys):
     assert "rollout.group_size" in capsys.readouterr().err
 
 
-def test_vllm_engine_in_rl_is_refused_with_what_to_use_instead(tmp_path, capsys):
-    assert main(["rl", CONFIG, "--output-dir", str(tmp_path), "--set", "inference.engine='vllm'"]) == 2
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_engine_without_vllm_is_one_line_naming_the_extra(tmp_path, capsys):
+    # engine vllm starts a child `mmref serve --engine vllm`; here it exits at once and says why.
+    assert main(["rl", CONFIG, "--output-dir", str(tmp_path), "--set", "inference.engine='vllm'"]) == 1
     err = capsys.readouterr().err
-    assert "inference.engine = 'vllm'" in err and "mmref serve --engine vllm" in err and "Traceback" not in err
-    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the run started
+    assert "InferenceStartError" in err and "needs the 'vllm' extra" in err and "Traceback" not in err
+    metrics = tmp_path / "metrics.jsonl"
+    assert not (metrics.exists() and metrics.read_text())  # nothing ran
+
+
+def test_in_process_engine_takes_the_inference_server_keys(tmp_path):
+    import torch
+    from rich.console import Console
+
+    from mmref.trainer.orchestrator import Orchestrator
+    from mmref.trainer.run_config import load_run_config
+
+    config = load_run_config(CONFIG, [f"output_dir='{tmp_path}'", "inference.max_model_len=512",
+                                      "inference.dtype='bfloat16'", "train.nproc=0"])
+    orch = Orchestrator(config, tmp_path, Console(quiet=True))
+    try:
+        engine = orch.served.engine
+        assert engine.max_model_len == 512 and next(engine.model.parameters()).dtype == torch.bfloat16
+    finally:
+        orch.loggers.close()

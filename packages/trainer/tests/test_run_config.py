@@ -1,10 +1,14 @@
-"""Run configs: the shipped example loads, unknown keys and bad values are named, overrides apply."""
+"""Run configs: the shipped example loads, unknown keys and bad values are named, overrides apply; inference
+server keys that would be ignored are refused, and the child server gets the ones set as `mmref serve` flags."""
 
 from pathlib import Path
 
 import pytest
 
+from mmref.trainer.cli import build_parser
+from mmref.trainer.inference import load_served_model
 from mmref.trainer.run_config import ConfigError, load_run_config, parse_override
+from mmref.trainer.serve_process import serve_flags
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "color-codeword.toml"
 
@@ -38,3 +42,40 @@ def test_missing_and_malformed_files_are_config_errors(tmp_path):
     (tmp_path / "bad.toml").write_text("max_steps = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_run_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize(("overrides", "mode"), [
+    ([], "in_process"), (["inference.engine='vllm'"], "child"), (["inference.process='child'"], "child"),
+    (["inference.url='http://host:8000'", "inference.engine='vllm'"], "url"),
+])
+def test_inference_mode_defaults_by_engine(overrides, mode):
+    assert load_run_config(EXAMPLE, overrides).inference.mode == mode
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["inference.gpu_memory_utilization=0.5"], "gpu_memory_utilization applies to inference.engine = 'vllm' only"),
+    (["inference.tensor_parallel_size=2", "inference.process='child'"], "tensor_parallel_size applies to"),
+    (["inference.engine='vllm'", "inference.process='in_process'"], "runs in a server process"),
+    (["inference.url='http://h:1'", "inference.max_model_len=512"], "inference.max_model_len sets up a server"),
+    (["inference.url='http://h:1'", "inference.process='child'"], "inference.process sets up a server"),
+    (["inference.url='http://h:1'", "inference.port=9000"], "inference.port sets up a server"),
+])
+def test_inference_keys_that_would_be_ignored_are_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(EXAMPLE, overrides)
+
+
+def test_child_server_flags_carry_the_runs_server_keys_and_pixel_limits():
+    config = load_run_config(EXAMPLE, ["inference.engine='vllm'", "inference.gpu_memory_utilization=0.4",
+                                       "inference.tensor_parallel_size=2", "inference.max_model_len=4096",
+                                       "model.max_pixels=50176"])
+    assert serve_flags(config.inference, config.model, "bfloat16") == [
+        "--min-pixels", str(config.model.min_pixels), "--max-pixels", "50176", "--dtype", "bfloat16",
+        "--max-model-len", "4096",
+        "--gpu-memory-utilization", "0.4", "--tensor-parallel-size", "2"]
+    assert build_parser().parse_args(["serve", "--store", "s", *serve_flags(config.inference, config.model, "float32")])
+
+
+def test_transformers_server_refuses_vllm_settings_before_loading_anything():
+    with pytest.raises(ValueError, match="gpu_memory_utilization: vLLM engine settings, but the engine is"):
+        load_served_model("no-such-dir", vllm_args={"gpu_memory_utilization": 0.5})

@@ -121,15 +121,17 @@ def test_checkpoint_round_trip_reproduces_logprobs(store, tmp_path):
 
 def test_combined_rank_metrics_average_loss_weight_per_token_means_and_add_counts():
     def part(loss, entropy, tokens, images, forward_s):
-        return StepMetrics(loss=loss, entropy=entropy, clip_fraction=entropy / 10, mismatch_kl=0.0, ref_kl=0.0, grad_norm=2.0,
-                           loss_tokens=tokens, images_processed=images, missing_images=0,
-                           masked_sampled_image_tokens=0, lr=1e-3, materialize_s=0.1, forward_s=forward_s, backward_s=0.2,
+        return StepMetrics(loss=loss, entropy=entropy, clip_fraction=entropy / 10, mismatch_kl=0.0, ref_kl=0.0,
+                           tis_weight=entropy / 2, tis_capped_fraction=0.0, grad_norm=2.0, loss_tokens=tokens,
+                           images_processed=images, missing_images=0, masked_sampled_image_tokens=0, lr=1e-3,
+                           materialize_s=0.1, forward_s=forward_s, backward_s=0.2,
                            optimizer_s=0.01)
 
     combined = StepMetrics.combine([part(1.0, 3.0, 30, 2, 0.5), part(3.0, 1.0, 10, 1, 0.7)])
     assert combined.loss == 2.0  # each rank's loss is over global tokens / world size
     assert combined.entropy == (3.0 * 30 + 1.0 * 10) / 40
     assert combined.clip_fraction == pytest.approx(combined.entropy / 10)
+    assert combined.tis_weight == pytest.approx(combined.entropy / 2)
     assert (combined.loss_tokens, combined.images_processed, combined.forward_s) == (40, 3, 0.7)
 
 

@@ -8,16 +8,27 @@ import pytest
 from mmref.trainer.inference.api import SamplingParams
 from mmref.trainer.inference.serving import load_served_model
 from mmref.trainer.inference.validate import RequestError
-from mmref.trainer.inference.vllm_engine import BANNED_LOGIT_BIAS, choices_from_output, sampling_kwargs, tokens_prompt
+from mmref.trainer.inference.vllm_engine import BANNED_LOGIT_BIAS, choices_from_output, collapse_image_pads, \
+    sampling_kwargs, tokens_prompt
 
 
-def test_tokens_prompt_keys_images_by_sha256():
-    prompt = tokens_prompt([1, 2, 3], ["img-a", "img-b"], ["a" * 64, "b" * 64])
-    assert prompt == {"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"image": ["img-a", "img-b"]},
+def test_tokens_prompt_keys_images_by_sha256_and_gives_each_one_pad_for_vllm_to_expand():
+    ids, types = [1, 5, 9, 9, 9, 6, 5, 9, 9, 6, 2], [0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0]
+    prompt = tokens_prompt(ids, types, ["img-a", "img-b"], ["a" * 64, "b" * 64])
+    assert prompt == {"prompt_token_ids": [1, 5, 9, 6, 5, 9, 6, 2], "multi_modal_data": {"image": ["img-a", "img-b"]},
                       "multi_modal_uuids": {"image": ["a" * 64, "b" * 64]}}
-    assert tokens_prompt([1], [], []) == {"prompt_token_ids": [1]}
+    assert tokens_prompt([1], [0], [], []) == {"prompt_token_ids": [1]}
     with pytest.raises(ValueError, match="2 images but 1 hashes"):
-        tokens_prompt([1], ["x", "y"], ["a" * 64])
+        tokens_prompt([1], [0], ["x", "y"], ["a" * 64])
+    with pytest.raises(ValueError, match="1 images but 2 runs of image pads"):
+        tokens_prompt(ids, types, ["img-a"], ["a" * 64])
+
+
+def test_collapse_keeps_the_first_pad_of_each_run():
+    assert collapse_image_pads([7, 9, 9, 9, 8], [0, 1, 1, 1, 0]) == [7, 9, 8]
+    assert collapse_image_pads([9, 9, 8, 9], [1, 1, 0, 1]) == [9, 8, 9]
+    with pytest.raises(ValueError, match="3 token ids but 2 token types"):
+        collapse_image_pads([1, 2, 3], [0, 0])
 
 
 def test_sampling_bans_image_tokens_and_merges_stops():

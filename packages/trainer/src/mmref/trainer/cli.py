@@ -36,19 +36,24 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mmref.renderers.store import ImageStore
-    from mmref.trainer.errors import ModelDirError
     from mmref.trainer.inference import create_app, load_served_model
 
     try:
+        vllm_args = {key: getattr(args, key) for key in ("gpu_memory_utilization", "tensor_parallel_size")
+                     if getattr(args, key) is not None}
         served = load_served_model(args.model, engine=args.engine, device=args.device, min_pixels=args.min_pixels,
-                                   max_pixels=args.max_pixels, max_model_len=args.max_model_len)
-    except ModelDirError as exc:
+                                   max_pixels=args.max_pixels, max_model_len=args.max_model_len, dtype=args.dtype,
+                                   vllm_args=vllm_args)
+    except ValueError as exc:  # a ModelDirError, or engine settings the engine refuses
         print(f"mmref serve: {exc}", file=sys.stderr)
         return 2
     app = create_app(served, ImageStore(args.store), cache_bytes=args.cache_mb * 2**20)
     print(f"mmref serve: {served.name} ({served.family}, fingerprint {served.spec.fingerprint[:12]}) "
           f"on http://{args.host}:{args.port}, store {args.store}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # returns on SIGTERM / Ctrl-C
+    finally:
+        getattr(served.engine, "shutdown", lambda: None)()  # vLLM: its engine core and workers
     return 0
 
 
@@ -174,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, help="override the processor's max_pixels")
     serve.add_argument("--max-model-len", type=int, help="cap prompt + completion tokens (default: the model's limit)")
     serve.add_argument("--cache-mb", type=int, default=512, help="feature cache budget in MiB")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"],
+                       help="the engine's dtype (default: the model's own; float32 for vllm)")
+    serve.add_argument("--gpu-memory-utilization", type=float, help="vllm only: fraction of GPU memory it may use")
+    serve.add_argument("--tensor-parallel-size", type=int, help="vllm only: GPUs the model is split across")
     serve.set_defaults(func=_serve)
     intercept = sub.add_parser("intercept", help="OpenAI-compatible endpoint that records traces for agent code")
     intercept.add_argument("--inference", required=True, help="base URL of the inference server")

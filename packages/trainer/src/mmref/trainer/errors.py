@@ -15,6 +15,7 @@ Each names the image (asset, sha256), the expected and actual values, and the st
           │    ├── ProcessorConfigError                        a processor config the layout math cannot reproduce
           │    └── ServedModelMismatchError                    a remote server serving another model (see remote)
           ├── InferenceUnreachableError (ConnectionError)  inference.url does not answer as an mmref server
+          ├── InferenceStartError (RuntimeError)  the child `mmref serve` of a run exited or never answered
           ├── RunDirError (ValueError)          a new run into a directory with an earlier run's records (see resume)
           ├── ResumeError (ValueError)          no saved state to resume, or one saved by another run's config
           └── TransportError (RuntimeError)     the micro-batch transport (see transport)
@@ -102,3 +103,7 @@ class ServedModelMismatchError(ModelDirError):
 
 class InferenceUnreachableError(TrainerError, ConnectionError):
     """``inference.url`` does not answer ``GET /v1/models`` as an mmref inference server."""
+
+
+class InferenceStartError(TrainerError, RuntimeError):
+    """The run's child ``mmref serve`` (``inference.process = "child"``) exited or never answered (log tail)."""

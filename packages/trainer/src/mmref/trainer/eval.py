@@ -18,8 +18,6 @@ from rich.console import Console
 from mmref.client.train_client import TrainClient
 from mmref.trainer.checkpoint import weight_version_of
 from mmref.trainer.evaluation import EvalResult
-from mmref.trainer.inference.server import create_app
-from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.report import RolloutRecord, read_jsonl, write_viewer
 from mmref.trainer.orchestrator import Orchestrator
 from mmref.trainer.run_config import RunConfig
@@ -32,12 +30,12 @@ def run_eval(config: RunConfig, checkpoint: str | None, console: Console | None 
     if checkpoint is not None:
         config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
     version = weight_version_of(config.model.path) if config.model.path else 0
-    # The checkpoint is served here, in process: a remote inference.url serves the run's own weights.
+    # The checkpoint is served here (in process, or the engine's child server): a remote inference.url serves the
+    # run's own weights.
     config = config.model_copy(update={"inference": config.inference.model_copy(update={"url": None})})
     out = Path(config.output_dir) / "eval"
     orch = Orchestrator(config, out, console, "replace")  # a new evaluation replaces the last one
-    with serve_in_thread(create_app(orch.served, orch.store), config.inference.host, config.inference.port) as url, \
-            orch.hosting_agents(url) as orch.agents:
+    with orch.inference_server(version) as url, orch.hosting_agents(url) as orch.agents:
         result = asyncio.run(_evaluate(orch, url, version))
     orch.record(0, [], {"step": 0, "evals": [result.as_dict()]}, [result])
     write_viewer(out, [RolloutRecord.from_json(json.dumps(r)) for r in read_jsonl(out / "rollouts.jsonl")])

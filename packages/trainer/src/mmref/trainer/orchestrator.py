@@ -21,7 +21,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,12 @@ from mmref.trainer.models import image_token_ids_of
 from mmref.trainer.pack import PackedRow, occupancy, pack
 from mmref.trainer.policy_setup import build_policy, pick_device
 from mmref.trainer.precision import prepare_model, resolve_dtype
-from mmref.trainer.remote import ExpectedModel, RemoteEngineCounters
+from mmref.trainer.remote import ExpectedModel, RemoteEngineCounters, rollout_server
 from mmref.trainer.report import RolloutRecord, TurnRecord
 from mmref.trainer.resume import DrawState, RunStart, RunStates, load_model_weights, open_run_files, restore_trainer
 from mmref.trainer.rl_trainer import InProcessTrainer, RLTrainer, TorchrunTrainer, cpu_threads_per_role, post_checkpoint
 from mmref.trainer.run_config import RunConfig
+from mmref.trainer.serve_process import ServeProcess, child_server
 from mmref.trainer.samples import TrainingSample, group_advantages, group_turn_advantages
 from mmref.trainer.step import PolicyTrainer, frozen_copy
 from mmref.trainer.step_record import StepRecord
@@ -103,9 +104,10 @@ class Orchestrator:
         self.device = pick_device(config)
         self.store = ImageStore(config.store or run_dir / "store")
         self.renderer = create_renderer(self.tokenizer, self.family, spec=self.spec)
-        # With inference.url the server is another process (maybe another host): nothing to serve here.
-        self.served = None if config.inference.url else self.local_served()
-        self.engine = self.served.engine if self.served else RemoteEngineCounters(config.inference.url)
+        # A server in another process (inference.url, or the run's child): nothing to serve here; its counters
+        # are read over HTTP once it answers (inference_server).
+        self.served = self.local_served() if config.inference.mode == "in_process" else None
+        self.engine: Any = self.served.engine if self.served else None
         self.rng = random.Random(config.seed)
         if self.resumed is not None:
             self.resumed.draws.restore(self.rng, self.env)
@@ -128,19 +130,55 @@ class Orchestrator:
             load_model_weights(serve_model, self.resumed.path)
         engine = TransformersEngine(serve_model, image_token_ids_of(self.policy), self.renderer.stop_token_ids,
                                     pad_token_id=self.renderer.stop_token_ids[0], device=self.device,
-                                    weight_version=self.start_step, dtype=resolve_dtype(self.config.train.dtype,
-                                                                                        self.device))
+                                    weight_version=self.start_step, dtype=self.serve_dtype(),
+                                    max_model_len=self.config.inference.max_model_len)
         return ServedModel(self.config.model.path or f"tiny-{self.family}", self.family, self.spec, self.processor,
                            engine, self.renderer.image_pad_id)
 
-    def expected_model(self) -> ExpectedModel:
-        """What a remote server must serve: this run's model directory, fresh, on the configured engine."""
-        return ExpectedModel(self.spec.fingerprint, model_identity(self.model_dir), self.config.inference.engine)
+    @contextlib.contextmanager
+    def inference_server(self, weight_version: int = 0) -> Iterator[str]:
+        """The base URL rollouts call (``inference.mode``: this process's server, the run's child, or ``url``).
+
+        A server in another process starts from the model directory's weights (``weight_version``:
+        what it must report); a resumed run pushes it the restored ones first, as ``start_step``.
+        """
+        with rollout_server(self.served, self.store, self.config.inference, self.expected_model(weight_version),
+                            self.child_server) as url:
+            if self.served is None:
+                self.engine = RemoteEngineCounters(url)
+                if self.resumed is not None:
+                    self.push_restored_weights(url)
+            yield url
+
+    def push_restored_weights(self, url: str) -> None:
+        """Give the server at ``url`` the resumed state's weights, as weight version ``start_step``."""
+        restored = copy.deepcopy(self.policy)
+        load_model_weights(restored, self.resumed.path)
+        post_checkpoint(self.checkpoints / "latest", self.family, url)(restored, self.start_step)
+
+    def child_server(self) -> ServeProcess:
+        """``mmref serve`` of this run's model directory and store, serving in the trainer's dtype by default."""
+        return child_server(self.model_dir, self.store.url, self.run.root, self.config.inference, self.config.model,
+                            self.device, str(self.serve_dtype()).removeprefix("torch."))
+
+    def serve_dtype(self) -> torch.dtype:
+        """The inference engine's dtype: ``inference.dtype``, else the trainer's (``train.dtype`` on this device)."""
+        return resolve_dtype(self.config.inference.dtype or self.config.train.dtype, self.device)
+
+    @property
+    def checkpoints(self) -> Path:
+        """Absolute: a server in another process and trainer nodes read these paths (a shared filesystem)."""
+        return self.run.root.resolve() / "checkpoints"
+
+    def expected_model(self, weight_version: int = 0) -> ExpectedModel:
+        """What a remote server must serve: this run's model directory, fresh (``weight_version``: a step export's
+        own), on the configured engine."""
+        return ExpectedModel(self.spec.fingerprint, model_identity(self.model_dir), self.config.inference.engine,
+                             weight_version)
 
     def make_trainer(self, inference_url: str) -> RLTrainer:
         """Torchrun ranks (``train.nproc`` of them) starting from the served weights, or this process."""
-        # Absolute: a remote server and trainer nodes read these paths (on a shared filesystem).
-        config, checkpoints = self.config, self.run.root.resolve() / "checkpoints"
+        config, checkpoints = self.config, self.checkpoints
         if config.train.nproc == 0:
             model = prepare_model(self.policy, config.train, self.device)  # dtype, checkpointing, frozen vision
             trainer = PolicyTrainer(model, store=self.store, spec=self.spec, processor=self.processor,

@@ -4,11 +4,18 @@ The inference server's feature cache and the trainer's materializer both make an
 from the bytes alone (``stored_image_ref``: the ref the stored bytes make under the stage's
 spec) and hold every requesting ref to it (``verify_ref_against_image``) on each lookup,
 hit or miss; nothing else in mmref turns bytes into pixels.
+
+Both sides feed their processor the same image: ``processor_sized`` resizes it, with the
+processor's own PIL resample, to the size the layout math gives (the ref's grid times the
+patch size). Whatever processor then sees it has nothing left to resize and only rescales,
+normalizes and patchifies: the trainer's PIL processor, and vLLM's torchvision one, whose own
+resize (torch ``interpolate``) differs from PIL's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -16,7 +23,7 @@ from PIL import Image
 from mmref.renderers.contract import make_ref
 from mmref.renderers.decode import decode_rgb
 from mmref.renderers.errors import ContractMismatchError, InvalidImageError
-from mmref.renderers.layout import LayoutSpec
+from mmref.renderers.layout import LayoutSpec, smart_resize
 from mmref.renderers.refs import RawImageRef, asset_name
 from mmref.renderers.store import ImageStore, StoredImage, inspect_image, sniff_media_type
 
@@ -64,14 +71,39 @@ class StoredEntry:
         return self.value.nbytes
 
 
-def decoded_image(data: bytes, ref: RawImageRef) -> DecodedImage:
-    """Decode verified bytes (size checked against the ref)."""
-    return DecodedImage(decode_rgb(data, ref), tuple(ref.grid_thw))
+def processor_size(grid_thw: tuple[int, int, int], processor: Any) -> tuple[int, int] | None:
+    """(width, height) an image of ``grid_thw`` is resized to by ``processor``, if its resize keeps that size.
+
+    ``grid * patch_size`` per side; None where that size is not a fixed point of the processor's
+    ``smart_resize`` (thin images whose short side was raised to one merged patch, putting them
+    just past ``max_pixels``): a processor would resize such an image again.
+    """
+    _, grid_h, grid_w = grid_thw
+    height, width = grid_h * processor.patch_size, grid_w * processor.patch_size
+    again = smart_resize(height, width, processor.patch_size * processor.merge_size,
+                         processor.size["shortest_edge"], processor.size["longest_edge"])
+    return (width, height) if again == (height, width) else None
 
 
-def process_pixels(data: bytes, ref: RawImageRef, processor, stage: str) -> ImageFeatures:
-    """Decode verified bytes and run the image processor; check the grid against the ref."""
-    image = decode_rgb(data, ref)
+def processor_sized(image: Image.Image, grid_thw: tuple[int, int, int], processor: Any) -> Image.Image:
+    """``image`` resized as the image processor resizes it (``processor_size``), so its own resize has nothing to do.
+
+    The same call the PIL processor makes (``Image.resize`` with its ``resample``), so the
+    processor's pixels are unchanged; then ``smart_resize`` keeps the size, and PIL and torchvision
+    return a same-size resize as it was. Where ``processor_size`` is None, ``image`` as it is.
+    """
+    size = processor_size(grid_thw, processor)
+    return image if size is None or image.size == size else image.resize(size, resample=processor.resample)
+
+
+def decoded_image(data: bytes, ref: RawImageRef, processor: Any) -> DecodedImage:
+    """Decode verified bytes (size checked against the ref), sized for ``processor`` (``processor_sized``)."""
+    return DecodedImage(processor_sized(decode_rgb(data, ref), tuple(ref.grid_thw), processor), tuple(ref.grid_thw))
+
+
+def process_pixels(data: bytes, ref: RawImageRef, processor: Any, stage: str) -> ImageFeatures:
+    """Decode verified bytes, size them (``processor_sized``) and run the image processor; check the grid."""
+    image = processor_sized(decode_rgb(data, ref), tuple(ref.grid_thw), processor)
     out = processor(images=[image], return_tensors="pt")
     grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
     if grid != tuple(ref.grid_thw):

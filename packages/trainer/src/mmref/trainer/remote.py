@@ -1,4 +1,5 @@
-"""A running ``mmref serve`` as the rollouts' server (``inference.url``), checked before the run uses it.
+"""A ``mmref serve`` in another process as the rollouts' server (``inference.url``, or the run's child
+server), checked before the run uses it.
 
 The server must serve the run's model directory: the same layout fingerprint (refs would be
 refused otherwise), the same ``model_identity`` (config, tokenizer, starting weights), the
@@ -14,7 +15,7 @@ fix; a server that does not answer is an ``InferenceUnreachableError``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -25,6 +26,7 @@ from mmref.trainer.inference.server import create_app
 from mmref.trainer.inference.serving import ServedModel
 from mmref.trainer.inference.threaded import serve_in_thread
 from mmref.trainer.run_config import InferenceConfig
+from mmref.trainer.serve_process import ServeProcess
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,9 @@ class ExpectedModel:
 
 @dataclass(frozen=True)
 class RemoteModel:
-    """The model ``GET /v1/models`` reports."""
+    """The model ``GET /v1/models`` at ``url`` reports."""
 
+    url: str
     name: str
     family: str
     fingerprint: str
@@ -55,7 +58,7 @@ def fetch_remote(url: str, timeout_s: float = 30.0) -> RemoteModel:
         response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=timeout_s)
         response.raise_for_status()
         card = response.json()["data"][0]
-        return RemoteModel(card["id"], card["family"], card["fingerprint"], card.get("identity", ""),
+        return RemoteModel(url.rstrip("/"), card["id"], card["family"], card["fingerprint"], card.get("identity", ""),
                            card.get("engine", "transformers"), int(card["weight_version"]))
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
         raise InferenceUnreachableError(f"inference.url {url} does not answer GET /v1/models as an mmref server "
@@ -102,11 +105,16 @@ class RemoteEngineCounters:
 
 @contextlib.contextmanager
 def rollout_server(served: ServedModel | None, store: ImageStore, inference: InferenceConfig,
-                   expected: ExpectedModel) -> Iterator[str]:
-    """The base URL rollouts call: ``inference.url`` once checked, else ``served`` on a loopback thread."""
-    if inference.url:
-        check_remote(inference.url, expected)
-        yield inference.url.rstrip("/")
+                   expected: ExpectedModel, start_child: Callable[[], ServeProcess] | None = None) -> Iterator[str]:
+    """The base URL rollouts call, by ``inference.mode``: ``served`` on a loopback thread ("in_process"),
+    ``start_child()``'s server ("child": stopped when the block ends, also on error) or ``inference.url``;
+    a server in another process is checked to serve ``expected`` first."""
+    if inference.mode == "in_process":
+        with serve_in_thread(create_app(served, store), inference.host, inference.port) as url:
+            yield url
         return
-    with serve_in_thread(create_app(served, store), inference.host, inference.port) as url:
-        yield url
+    if inference.mode == "child":
+        with start_child() as child:
+            yield check_remote(child.url, expected).url
+        return
+    yield check_remote(inference.url, expected).url

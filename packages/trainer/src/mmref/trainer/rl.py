@@ -4,8 +4,11 @@
       -> traces -> GRPO samples -> packed micro-batches (refs) -> materialize -> step
       -> checkpoint -> POST /update_weights -> next step
 
-The inference server runs in this process behind uvicorn on a loopback port (real HTTP), or
-is a running ``mmref serve`` at ``inference.url`` (checked to serve this run's model).
+The inference server runs in this process behind uvicorn on a loopback port (real HTTP), as
+a child ``mmref serve`` of this process (``inference.process = "child"``, the default for
+``inference.engine = "vllm"``; its output in inference.log), or is a running ``mmref serve`` at
+``inference.url``; a server in another process is checked to serve this run's model and gets
+each step's weights as a checkpoint and a POST.
 The policy trains on ``train.nproc`` torchrun ranks fed micro-batches of refs over ZMQ
 (rank 0 writes each step's weights and POSTs ``/update_weights``), or in this process when
 ``train.nproc = 0``. The run directory holds the config, metrics.jsonl, rollouts.jsonl,
@@ -26,9 +29,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mmref.trainer.orchestrator import Orchestrator, train_loop
-from mmref.trainer.remote import rollout_server
 from mmref.trainer.report import RolloutRecord, read_jsonl, write_reward_curve, write_viewer
-from mmref.trainer.run_config import ConfigError, RunConfig
+from mmref.trainer.run_config import RunConfig
 from mmref.trainer.step_record import StepRecord
 
 
@@ -46,15 +48,11 @@ class RunSummary:
 def run_rl(config: RunConfig, console: Console | None = None, resume: bool = False) -> RunSummary:
     """Run ``config`` to completion (``resume``: from the newest state in its output directory, appending to its
     records); always shuts the server down."""
-    if config.inference.engine != "transformers" and not config.inference.url:
-        raise ConfigError(f"inference.engine = {config.inference.engine!r}: mmref rl samples in process with its "
-                          "built-in transformers engine only; for vLLM start `mmref serve --engine vllm --model DIR` "
-                          "and set inference.url to it")
     console = console or Console()
     run_dir = Path(config.output_dir)
     start = time.perf_counter()
     orch = Orchestrator(config, run_dir, console, "resume" if resume else "new")
-    with rollout_server(orch.served, orch.store, config.inference, orch.expected_model()) as url, Progress(
+    with orch.inference_server() as url, Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting", total=config.max_steps, completed=orch.start_step)
         try:

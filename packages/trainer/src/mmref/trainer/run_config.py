@@ -108,6 +108,10 @@ class TrainConfig(_Section):
     # starting weights (k3 estimator, see mmref.trainer.loss); metrics report it as ref_kl.
     kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)  # exploration bonus: keeps small policies from collapsing early
+    # Truncated importance sampling (see mmref.trainer.loss): each token's policy-gradient term times
+    # min(exp(trainer logprob - sampler logprob), tis_cap), detached. None or 0: off (the default: the
+    # tiny CPU runs sample and train with the same transformers code, where the weight is ~1).
+    tis_cap: float | None = Field(None, ge=0)
     max_seq_len: int = Field(2048, ge=16)
     # Trainer ranks under torchrun, fed micro-batches of refs over ZMQ; 0 trains inside the
     # orchestrator's process instead (no torchrun, no transport: the quickest start on a laptop).
@@ -141,20 +145,63 @@ class EvalConfig(_Section):
     before_training: bool = False
 
 
+InferenceMode = Literal["in_process", "child", "url"]
+VLLM_ONLY_KEYS = ("gpu_memory_utilization", "tensor_parallel_size")
+SERVER_KEYS = ("max_model_len", "dtype", *VLLM_ONLY_KEYS)  # how mmref rl starts a server: not for inference.url
+
+
 class InferenceConfig(_Section):
-    """The inference server the rollouts call: started in this process, or a running ``mmref serve`` at ``url``.
+    """The inference server the rollouts call: started by ``mmref rl``, or a running ``mmref serve`` at ``url``.
+
+    ``process`` says where ``mmref rl`` starts it: ``"in_process"`` (the transformers engine on a
+    loopback thread of this process) or ``"child"`` (``mmref serve`` as a child process on a
+    loopback port, its output in ``<output_dir>/inference.log``, stopped when the run ends or
+    fails; the run then talks to it exactly as to ``url``). Default: ``"in_process"`` for
+    ``engine = "transformers"``, ``"child"`` for ``"vllm"`` (vLLM runs only in a server process).
 
     With ``url`` the server must serve this run's model directory (``model.path``; checked
     against its ``/v1/models`` fingerprint and identity), read the run's ``store`` and read
     the checkpoints the trainer writes under ``output_dir``: a shared filesystem.
-    ``host``/``port`` are the in-process server's; ``engine = "vllm"`` needs ``url`` (a
-    ``mmref serve --engine vllm`` server).
+    ``host``/``port`` are where the server ``mmref rl`` starts listens (in process or child).
+
+    Server keys (refused with ``url``: pass them to that ``mmref serve``): ``max_model_len`` caps
+    prompt + completion tokens; ``dtype`` is the engine's (None: the trainer's, ``train.dtype``);
+    ``gpu_memory_utilization`` and ``tensor_parallel_size`` go to vLLM's engine and are refused
+    for the transformers engine, which has no such knob.
     """
 
     engine: Literal["transformers", "vllm"] = "transformers"
+    process: Literal["in_process", "child"] | None = None
     url: str | None = Field(None, pattern=r"^https?://")
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port; refused with url (nothing listens here)
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: Literal["float32", "bfloat16"] | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    tensor_parallel_size: int | None = Field(None, ge=1)
+
+    @property
+    def mode(self) -> InferenceMode:
+        """Where the server runs: at ``url``, or started by ``mmref rl`` in this process or as a child."""
+        if self.url:
+            return "url"
+        return self.process or ("child" if self.engine == "vllm" else "in_process")
+
+    @model_validator(mode="after")
+    def _keys_apply(self) -> InferenceConfig:
+        given = [key for key in SERVER_KEYS if getattr(self, key) is not None] + ["port"] * bool(self.port)
+        if self.url and (given or self.process):
+            key = given[0] if given else "process"
+            raise ValueError(f"inference.{key} sets up a server mmref rl starts, but inference.url is a running "
+                             f"server: pass it to that `mmref serve` (or drop inference.url)")
+        if self.engine == "vllm" and self.mode == "in_process":
+            raise ValueError("inference.engine = 'vllm' runs in a server process: set inference.process = 'child' "
+                             "(the default for vllm) or inference.url")
+        vllm_only = [key for key in VLLM_ONLY_KEYS if getattr(self, key) is not None]
+        if self.engine != "vllm" and vllm_only:
+            raise ValueError(f"inference.{vllm_only[0]} applies to inference.engine = 'vllm' only; the "
+                             f"{self.engine} engine has no such setting")
+        return self
 
 
 class LogConfig(_Section):

@@ -5,7 +5,7 @@
 
 Each model is written as a model directory (random init) and trained by ``run_rl`` on
 color-codeword: on CUDA with one torchrun rank (FSDP2 on NCCL), on CPU in process. Rollouts
-sample from a ``mmref serve --engine vllm`` child process where ``vllm`` imports, else from the
+sample from vLLM (the run's child ``mmref serve --engine vllm``) where ``vllm`` imports, else from the
 in-process transformers engine. The line printed last::
 
     {"device": "cuda", "engine": "vllm", "runs": [{"model": "tiny", "steps": 3, "step_s": {...},
@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ from mmref.trainer.models import TinySize
 from mmref.trainer.policy_setup import TASK_PIXELS
 from mmref.trainer.rl import run_rl
 from mmref.trainer.run_config import RunConfig, load_run_config
-from mmref.trainer.serve_process import ServeProcess
 from mmref.trainer.task_tokenizer import task_tokenizer
 from mmref.trainer.tiny_dir import write_tiny_model_dir
 
@@ -74,12 +73,13 @@ def vllm_available() -> bool:
         return False
 
 
-def smoke_config(model_dir: Path, out: Path, device: str, steps: int, url: str | None, engine: str) -> RunConfig:
-    """color-codeword on ``model_dir`` for ``steps`` steps: a torchrun rank on CUDA, in process on CPU."""
+def smoke_config(model_dir: Path, out: Path, device: str, steps: int, engine: str) -> RunConfig:
+    """color-codeword on ``model_dir`` for ``steps`` steps: a torchrun rank on CUDA, in process on CPU; vLLM as
+    the run's child server (its output in ``<out>/inference.log``)."""
     overrides = [f"output_dir='{out}'", f"model.path='{model_dir}'", f"max_steps={steps}", f"device='{device}'",
                  "rollout.prompts_per_step=4", "rollout.group_size=4", f"train.nproc={1 if device == 'cuda' else 0}",
                  f"store='{out / 'store'}'", f"inference.engine='{engine}'"]
-    return load_run_config(None, overrides + ([f"inference.url='{url}'"] if url else []))
+    return load_run_config(None, overrides)
 
 
 def write_model(model: SmokeModel, directory: Path) -> Path:
@@ -139,10 +139,8 @@ def run_model(model: SmokeModel, root: Path, device: str, steps: int, engine: st
     weights_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     out = directory / "run"
     start = time.perf_counter()
-    server = ServeProcess(model_dir, out / "store", directory / "serve.log", engine="vllm", device=device) \
-        if engine == "vllm" else nullcontext()
-    with peak_device_memory(device) as peak, server as served:
-        run_rl(smoke_config(model_dir, out, device, steps, getattr(served, "url", None), engine), Console(quiet=True))
+    with peak_device_memory(device) as peak:
+        run_rl(smoke_config(model_dir, out, device, steps, engine), Console(quiet=True))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summarize(model.name, history, weights_bytes, peak[0] if device == "cuda" else None,
                      time.perf_counter() - start)

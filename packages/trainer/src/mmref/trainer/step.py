@@ -42,6 +42,8 @@ class StepMetrics:
     clip_fraction: float
     mismatch_kl: float
     ref_kl: float  # k3 estimate of KL(policy || reference) per loss token; 0 without a reference
+    tis_weight: float  # mean truncated importance weight per loss token (train.tis_cap); 0 when off
+    tis_capped_fraction: float  # loss tokens whose weight hit train.tis_cap
     grad_norm: float
     loss_tokens: int
     images_processed: int
@@ -73,6 +75,7 @@ class StepMetrics:
         return cls(
             loss=sum(m.loss for m in ranks) / len(ranks), entropy=weighted("entropy"),
             clip_fraction=weighted("clip_fraction"), mismatch_kl=weighted("mismatch_kl"), ref_kl=weighted("ref_kl"),
+            tis_weight=weighted("tis_weight"), tis_capped_fraction=weighted("tis_capped_fraction"),
             grad_norm=max(m.grad_norm for m in ranks), loss_tokens=sum(tokens), lr=ranks[0].lr,
             **{name: sum(getattr(m, name) for m in ranks)
                for name in ("images_processed", "missing_images", "masked_sampled_image_tokens")},
@@ -144,7 +147,8 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         normalizer = normalizer or max(1, sum(mb.num_loss_tokens for mb in prepared.micro_batches))
         times = dict(forward=0.0, backward=0.0)
-        sums = dict(loss=0.0, entropy=0.0, clipped=0, mismatch=0.0, ref_kl=0.0, tokens=0, masked=0)
+        sums = dict(loss=0.0, entropy=0.0, clipped=0, mismatch=0.0, ref_kl=0.0, tis=0.0, tis_capped=0, tokens=0,
+                    masked=0)
         for batch, label in zip(prepared.rows, prepared.labels):
             start = time.perf_counter()
             out = self.forward(batch, label)
@@ -157,7 +161,7 @@ class PolicyTrainer:
                 torch.tensor(row.advantages[1:] + row.branch_advantages, device=device),
                 torch.cat([out.loss_mask, out.branch_mask]), torch.cat([out.entropy, out.branch_entropy]),
                 self.config.clip_low, self.config.clip_high, entropy_coef=self.config.entropy_coef,
-                kl_coef=self.config.kl_coef, ref_logprobs=reference,
+                kl_coef=self.config.kl_coef, ref_logprobs=reference, tis_cap=self.config.tis_cap,
             )
             times["forward"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -168,6 +172,8 @@ class PolicyTrainer:
             sums["clipped"] += result.clipped
             sums["mismatch"] += result.mismatch_kl_sum
             sums["ref_kl"] += result.ref_kl_sum
+            sums["tis"] += result.tis_weight_sum
+            sums["tis_capped"] += result.tis_capped
             sums["tokens"] += result.tokens
             sums["masked"] += out.masked_sampled_image_tokens
         start = time.perf_counter()
@@ -179,7 +185,8 @@ class PolicyTrainer:
         tokens = max(1, sums["tokens"])
         return StepMetrics(
             loss=sums["loss"] / normalizer, entropy=sums["entropy"] / tokens, clip_fraction=sums["clipped"] / tokens,
-            mismatch_kl=sums["mismatch"] / tokens, ref_kl=sums["ref_kl"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
+            mismatch_kl=sums["mismatch"] / tokens, ref_kl=sums["ref_kl"] / tokens, tis_weight=sums["tis"] / tokens,
+            tis_capped_fraction=sums["tis_capped"] / tokens, grad_norm=float(grad_norm), loss_tokens=sums["tokens"],
             images_processed=prepared.images_processed, missing_images=prepared.missing_images,
             masked_sampled_image_tokens=sums["masked"], lr=lr, materialize_s=prepared.seconds,
             forward_s=times["forward"], backward_s=times["backward"], optimizer_s=optimizer_s,

@@ -45,7 +45,7 @@ class FeatureCache:
     """An asyncio-side LRU of features per stored image; reading and processing run in a worker thread.
 
     >>> cache = FeatureCache(512 * 2**20, store, served.spec)                 # doctest: +SKIP
-    >>> await cache.get(ref, lambda data, actual: decoded_image(data, actual))  # doctest: +SKIP
+    >>> await cache.get(ref, lambda data, actual: decoded_image(data, actual, processor))  # doctest: +SKIP
     """
 
     def __init__(self, budget_bytes: int, store: ImageStore, spec: LayoutSpec, stage: str = "inference server") -> None:

@@ -128,8 +128,9 @@ async def _generate(served: ServedModel, cache: FeatureCache, body: GenerateRequ
                              served.engine.vocab_size)
 
     # The cache reads and hash-verifies the bytes, and hands over the ref they make (``actual``).
-    if served.engine.input_kind == "images":  # the engine processes pixels itself (vLLM)
-        compute = decoded_image
+    if served.engine.input_kind == "images":  # the engine processes pixels itself (vLLM), already sized
+        def compute(data, actual):
+            return decoded_image(data, actual, served.processor)
     else:
         def compute(data, actual):
             return process_pixels(data, actual, served.processor, stage="inference server")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from mmref.trainer.inference.engine import Engine, TransformersEngine
 from mmref.trainer.model_identity import model_identity
 from mmref.trainer.models import TinySize, image_token_ids_of
 from mmref.trainer.policy import Policy, load_policy
+from mmref.trainer.precision import DTYPES
 from mmref.trainer.tiny_dir import write_tiny_model_dir
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Qwen chat: end of turn, end of text
@@ -41,12 +43,22 @@ class ServedModel:
 
 def load_served_model(model: str, engine: str = "transformers", device: str = "cpu",
                       min_pixels: int | None = None, max_pixels: int | None = None,
-                      max_model_len: int | None = None, tiny_size: TinySize = TinySize()) -> ServedModel:
+                      max_model_len: int | None = None, tiny_size: TinySize = TinySize(),
+                      dtype: str | None = None, vllm_args: Mapping[str, Any] | None = None) -> ServedModel:
     """The model, its processor and an engine from a model directory or ``tiny-<family>``.
 
     ``max_model_len`` caps prompt + completion below the model's position limit (as vLLM's
-    option of that name does): it bounds the work a single request can ask for.
+    option of that name does): it bounds the work a single request can ask for. ``dtype``
+    (``float32`` | ``bfloat16``) is the engine's (None: the model's own for transformers,
+    float32 for vLLM). ``vllm_args`` go to vLLM's engine (e.g. ``gpu_memory_utilization``,
+    ``tensor_parallel_size``); the transformers engine refuses them (``ValueError``).
     """
+    if engine not in ("transformers", "vllm"):
+        raise ValueError(f"unknown engine {engine!r}; choose 'transformers' or 'vllm'")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if engine != "vllm" and vllm_args:
+        raise ValueError(f"{', '.join(sorted(vllm_args))}: vLLM engine settings, but the engine is {engine!r}")
     if model.startswith("tiny-"):
         with tempfile.TemporaryDirectory(prefix="mmref-tiny-") as tmp:
             path = write_tiny_model_dir(model.removeprefix("tiny-"), Path(tmp) / "model", size=tiny_size)
@@ -59,13 +71,12 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
     meta = Path(model) / "mmref.json"  # an exported training step knows its weight version
     version = int(json.loads(meta.read_text()).get("weight_version", 0)) if meta.is_file() else 0
     if engine == "vllm":
-        served_engine: Engine = _vllm_engine(policy, stops, version, max_model_len)
-    elif engine == "transformers":
-        served_engine = TransformersEngine(policy.model, image_token_ids_of(policy.model), stops,
-                                           pad_token_id=stops[0], device=device,
-                                           weight_version=version, max_model_len=max_model_len)
+        served_engine: Engine = _vllm_engine(policy, stops, version, max_model_len, dtype or "float32",
+                                             dict(vllm_args or {}))
     else:
-        raise ValueError(f"unknown engine {engine!r}; choose 'transformers' or 'vllm'")
+        served_engine = TransformersEngine(policy.model, image_token_ids_of(policy.model), stops,
+                                           pad_token_id=stops[0], device=device, weight_version=version,
+                                           max_model_len=max_model_len, dtype=DTYPES[dtype] if dtype else None)
     return ServedModel(model, policy.family, policy.spec, policy.processor, served_engine,
                        int(policy.model.config.image_token_id), identity)
 
@@ -76,7 +87,8 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
-def _vllm_engine(policy: Policy, stops: list[int], version: int, max_model_len: int | None) -> Engine:
+def _vllm_engine(policy: Policy, stops: list[int], version: int, max_model_len: int | None, dtype: str,
+                 vllm_args: dict[str, Any]) -> Engine:
     """vLLM loads from disk: write the model with its tokenizer and processor config, then start it."""
     try:
         from mmref.trainer.inference.vllm_engine import VLLMEngine
@@ -90,4 +102,4 @@ def _vllm_engine(policy: Policy, stops: list[int], version: int, max_model_len: 
                                  Path(tempfile.mkdtemp(prefix="mmref-vllm-model-")) / "model")
     return VLLMEngine(model_dir, image_token_ids_of(policy.model), stops,
                       int(policy.model.get_input_embeddings().num_embeddings),
-                      max_model_len=max_model_len, weight_version=version)
+                      max_model_len=max_model_len, weight_version=version, dtype=dtype, **vllm_args)

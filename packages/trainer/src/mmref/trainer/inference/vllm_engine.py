@@ -1,9 +1,13 @@
 """The vLLM engine (optional extra ``vllm``): our requests in vLLM's types, served by ``AsyncLLM``.
 
 - Prompt: ``TokensPrompt(prompt_token_ids, multi_modal_data={"image": [PIL...]},
-  multi_modal_uuids={"image": [sha256...]})``: the ids already hold the expanded pads,
-  and vLLM's multimodal cache keys on our content hash. vLLM processes pixels itself, so
-  this engine takes decoded, hash-verified images (``input_kind = "images"``), not features.
+  multi_modal_uuids={"image": [sha256...]})`` with each image's run of pads collapsed to one
+  pad: vLLM 0.32 expands every image pad of a token prompt itself (a run already expanded to
+  N pads became 2N - 1, shifting every later position), and its multimodal cache keys on our
+  content hash. vLLM processes pixels itself, so
+  this engine takes decoded, hash-verified images (``input_kind = "images"``), not features,
+  already resized to the processor's target size (``pixels.processor_sized``): vLLM's torchvision
+  processor then only normalizes and patchifies, the same pixels as the trainer's PIL processor.
 - Sampling: image special tokens get a -100 logit bias (never sampled), and the engine runs
   with ``logprobs_mode="processed_logprobs"`` so reported logprobs are under that mask.
 - Weights: ``collective_rpc("reload_weights", weights_path=...)``, vLLM's in-place reload:
@@ -32,15 +36,36 @@ from mmref.trainer.pixels import DecodedImage
 BANNED_LOGIT_BIAS = -100.0
 
 
-def tokens_prompt(prompt_ids: list[int], images: Sequence[Any], image_sha256: Sequence[str]) -> dict[str, Any]:
-    """A vLLM ``TokensPrompt`` (a TypedDict) for a prompt whose pads are already expanded."""
+def tokens_prompt(prompt_ids: list[int], mm_token_type_ids: Sequence[int], images: Sequence[Any],
+                  image_sha256: Sequence[str]) -> dict[str, Any]:
+    """A vLLM ``TokensPrompt`` (a TypedDict) for a prompt whose pads are already expanded.
+
+    ``mm_token_type_ids`` (1 on image pads) marks the runs vLLM is given as one pad each and
+    expands again from the image (whose grid, computed by its processor, is the ref's).
+    """
     if len(images) != len(image_sha256):
         raise ValueError(f"{len(images)} images but {len(image_sha256)} hashes")
-    prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
+    ids = collapse_image_pads(prompt_ids, mm_token_type_ids)
+    runs = sum(mm_token_type_ids) - (len(prompt_ids) - len(ids))
+    if runs != len(images):
+        raise ValueError(f"{len(images)} images but {runs} runs of image pads in the prompt")
+    prompt: dict[str, Any] = {"prompt_token_ids": ids}
     if images:
         prompt["multi_modal_data"] = {"image": list(images)}
         prompt["multi_modal_uuids"] = {"image": list(image_sha256)}
     return prompt
+
+
+def collapse_image_pads(prompt_ids: Sequence[int], mm_token_type_ids: Sequence[int]) -> list[int]:
+    """``prompt_ids`` with each run of image-pad positions (type 1) cut to its first token.
+
+        >>> collapse_image_pads([7, 9, 9, 9, 8], [0, 1, 1, 1, 0])
+        [7, 9, 8]
+    """
+    if len(prompt_ids) != len(mm_token_type_ids):
+        raise ValueError(f"{len(prompt_ids)} token ids but {len(mm_token_type_ids)} token types")
+    return [token for i, (token, kind) in enumerate(zip(prompt_ids, mm_token_type_ids))
+            if not (kind and i > 0 and mm_token_type_ids[i - 1])]
 
 
 def sampling_kwargs(sampling: SamplingParams, banned_token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> dict:
@@ -99,7 +124,8 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | Path, image_token_ids: frozenset[int], stop_token_ids: Sequence[int],
                  vocab_size: int, max_model_len: int | None = None, weight_version: int = 0,
-                 **engine_args: Any) -> None:
+                 dtype: str = "float32", **engine_args: Any) -> None:
+        """``engine_args`` go to ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``, ``tensor_parallel_size``...)."""
         import torch
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -109,7 +135,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         if not torch.cuda.is_available():  # on CPU this fraction reserves host memory; vLLM's 0.92 is the machine
             engine_args.setdefault("gpu_memory_utilization", 0.25)
-        args = AsyncEngineArgs(model=str(model_dir), max_model_len=max_model_len, dtype="float32",
+        args = AsyncEngineArgs(model=str(model_dir), max_model_len=max_model_len, dtype=dtype,
                                logprobs_mode="processed_logprobs", enforce_eager=True,
                                **engine_args)
         self.llm = AsyncLLM.from_engine_args(args)
@@ -125,7 +151,7 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
-        prompt = tokens_prompt(prompt_ids, [d.image for d in images], image_sha256)
+        prompt = tokens_prompt(prompt_ids, mm_token_type_ids, [d.image for d in images], image_sha256)
         kwargs = sampling_kwargs(sampling, sorted(self.image_token_ids), self.stop_token_ids)
         final = None
         try:  # vLLM's own limits (e.g. temperature <= 2) are the client's error, not the engine's
