@@ -10,7 +10,7 @@ from mmref.trainer.forward import vision_tower
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.pack import pack, row_position_ids
 from mmref.trainer.vision_once import vision_once
-from trainer_cases import FAMILIES, make_sample, processor, small_spec, tiny
+from trainer_cases import PACKING_FAMILIES, make_sample, processor, small_spec, tiny
 
 
 def logits_and_vision_grad(model, batch, position_ids, once: bool):
@@ -28,7 +28,7 @@ def logits_and_vision_grad(model, batch, position_ids, once: bool):
 images = st.lists(st.tuples(st.integers(0, 2), st.sampled_from([(64, 48), (40, 40), (33, 80)])), min_size=1, max_size=3)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PACKING_FAMILIES)
 @settings(max_examples=4, deadline=None)
 @given(specs=st.lists(st.tuples(st.integers(1, 6), images), min_size=2, max_size=4))
 def test_unique_image_forward_equals_per_slot_forward(tmp_path_factory, family, specs):

@@ -8,13 +8,17 @@ from PIL import Image
 
 from mmref.renderers import ImageStore, layout_spec, make_ref
 from mmref.renderers.refs import ImageSlot
-from mmref.trainer.models import QWEN_VISION_TOKEN_IDS, build_image_processor, build_tiny_model
+from mmref.trainer.models import QWEN_VISION_TOKEN_IDS, TINY_FAMILIES, build_image_processor, build_tiny_model
+from mmref.trainer.pack import packs_samples
 from mmref.trainer.samples import TrainingSample
 
 PAD = QWEN_VISION_TOKEN_IDS["image_token_id"]
 START, END = QWEN_VISION_TOKEN_IDS["vision_start_token_id"], QWEN_VISION_TOKEN_IDS["vision_end_token_id"]
 IMAGE_TOKENS = frozenset({151652, 151653, 151654, 151655, 151656})
-FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+# qwen3.5 where the installed transformers has its classes (transformers.models.qwen3_5).
+FAMILIES = [f for f in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5") if f in TINY_FAMILIES]
+PACKING_FAMILIES = [f for f in FAMILIES if packs_samples(f)]  # several samples per row
+
 
 
 def small_spec(family: str):

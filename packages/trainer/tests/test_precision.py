@@ -12,7 +12,7 @@ from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.precision import prepare_model, resolve_dtype, shard_units, vision_modules
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer
-from trainer_cases import FAMILIES, IMAGE_TOKENS, make_sample, processor, small_spec
+from trainer_cases import FAMILIES, IMAGE_TOKENS, PACKING_FAMILIES, make_sample, processor, small_spec
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_freeze_vision_leaves_tower_and_merger_unchanged_and_out_of_the_optimize
     assert len(optimized) == sum(1 for p in trainer.model.parameters()) - len(before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PACKING_FAMILIES)
 def test_gradient_checkpointing_gives_the_same_packed_loss_and_gradients(family, store):
     """Three samples packed in one row: recomputation must not change the packed forward."""
     rows = pack(samples(store, family), 4096)

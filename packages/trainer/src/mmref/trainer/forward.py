@@ -1,6 +1,7 @@
 """The model on one materialized packed row, with the checks that run before the vision tower.
 
 Checks, before any compute, on the row's actual ``input_ids``:
+- a row of several samples is one its family can pack exactly (``pack.check_row_packing``);
 - the slots are exactly the image-pad runs (``mmref.renderers.refs.check_slots``: a stray,
   missing or shifted pad is a ``SlotError`` naming the row and the asset);
 - image-pad tokens == features the grids will produce (``t*h*w / merge**2`` summed), else
@@ -27,7 +28,7 @@ from mmref.renderers.refs import check_slots
 from mmref.trainer.errors import ImageTokenMismatchError
 from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
 from mmref.trainer.materialize import MaterializedRow
-from mmref.trainer.pack import RopeIndex, row_position_ids
+from mmref.trainer.pack import RopeIndex, check_row_packing, row_position_ids
 from mmref.trainer.vision_once import vision_once
 
 
@@ -91,6 +92,7 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
     (L, vocab) float32 softmax of a 4k-token row over Qwen's 152k vocab is 2.5 GB per copy.
     """
     image_token_ids = frozenset(image_token_ids)
+    check_row_packing(batch.row, f"trainer forward, {where}")
     check_image_tokens(batch, merge_size, where)
     row = batch.row
     loss_mask, branch_mask = batch.loss_mask.clone(), batch.branch_mask.clone()

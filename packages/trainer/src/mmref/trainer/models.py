@@ -10,6 +10,11 @@ match the Qwen2 tokenizer. ``tiny_dir`` writes it as a model directory, and ever
 | qwen2-vl    | Qwen2VLForConditionalGeneration      | 14    | CLIP     |
 | qwen2.5-vl  | Qwen2_5_VLForConditionalGeneration   | 14    | CLIP     |
 | qwen3-vl    | Qwen3VLForConditionalGeneration      | 16    | 0.5      |
+| qwen3.5     | Qwen3_5ForConditionalGeneration      | 16    | 0.5      |
+
+Qwen3.5 needs a transformers that has ``transformers.models.qwen3_5`` (5.x); its text model
+is hybrid (gated delta net linear attention + full attention), which runs on CPU through
+transformers' torch fallback. The tiny one has one layer of each kind.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from transformers import (
     PreTrainedModel,
     Qwen2_5_VLConfig,
@@ -46,9 +52,16 @@ _CLASSES = {
     "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
     "qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
 }
-TINY_FAMILIES: tuple[str, ...] = tuple(_CLASSES)
 # config.json ``model_type`` -> layout family, for every family mmref can train.
 FAMILY_BY_MODEL_TYPE = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+try:  # families whose classes only newer transformers releases have
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    pass
+else:
+    _CLASSES["qwen3.5"] = (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    FAMILY_BY_MODEL_TYPE["qwen3_5"] = "qwen3.5"
+TINY_FAMILIES: tuple[str, ...] = tuple(_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -69,35 +82,56 @@ def tiny_config(family: str, vocab_size: int = QWEN_VOCAB_SIZE, size: TinySize =
                 token_ids: dict[str, int] | None = None) -> Any:
     """Config of a tiny random model of ``family`` whose special ids match the tokenizer."""
     if family not in _CLASSES:
-        raise ValueError(f"no tiny model for family {family!r}; choose one of {list(TINY_FAMILIES)}")
+        raise ValueError(f"no tiny model for family {family!r} in transformers {transformers.__version__}; "
+                         f"choose one of {list(TINY_FAMILIES)}")
     config_cls, _ = _CLASSES[family]
-    spec = layout_spec(family)
+    text = _tiny_text(family, vocab_size, size)
+    vision = _tiny_vision(family, size)
+    tied = {"tie_word_embeddings": True} if family == "qwen3.5" else {}  # its config's own default is untied
+    return config_cls(text_config=text, vision_config=vision, **tied, **(token_ids or QWEN_VISION_TOKEN_IDS))
+
+
+def _mrope(rotary_dim: int, interleaved: bool) -> dict[str, Any]:
+    """Default rope with mRoPE sections (t, h, w) over half the rotary dims."""
+    half = rotary_dim // 2
+    rope = {"rope_type": "default", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+    return rope | {"mrope_interleaved": True} if interleaved else rope
+
+
+def _tiny_text(family: str, vocab_size: int, size: TinySize) -> dict[str, Any]:
+    """The text-model part of a tiny config."""
     head_dim = size.hidden_size // size.num_heads
-    half = head_dim // 2  # mrope sections (t, h, w) cover half the head dim
     text = dict(vocab_size=vocab_size, hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
                 num_hidden_layers=size.num_layers, num_attention_heads=size.num_heads,
-                num_key_value_heads=size.num_kv_heads, max_position_embeddings=4096, tie_word_embeddings=True)
+                num_key_value_heads=size.num_kv_heads, max_position_embeddings=4096, tie_word_embeddings=True,
+                rope_parameters=_mrope(head_dim, interleaved=family != "qwen2-vl" and family != "qwen2.5-vl"))
     if vocab_size < QWEN_VOCAB_SIZE:  # a tiny tokenizer: Qwen's bos/eos ids do not exist in its vocab
         text |= dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    vision = dict(depth=size.vision_depth, num_heads=size.vision_heads, patch_size=spec.patch_size,
-                  spatial_merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size,
-                  in_channels=3)
-    if family == "qwen2-vl":
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
-        vision |= dict(embed_dim=size.vision_hidden, hidden_size=size.hidden_size, mlp_ratio=2)
-    elif family == "qwen2.5-vl":
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
-        vision |= dict(hidden_size=size.vision_hidden, out_hidden_size=size.hidden_size,
-                       intermediate_size=2 * size.vision_hidden, fullatt_block_indexes=[size.vision_depth - 1],
-                       window_size=spec.patch_size * spec.merge_size * 4)
-    else:
+    if family in ("qwen3-vl", "qwen3.5"):
         text |= dict(head_dim=head_dim)
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
-                                   "mrope_interleaved": True}
-        vision |= dict(hidden_size=size.vision_hidden, out_hidden_size=size.hidden_size,
-                       intermediate_size=2 * size.vision_hidden, num_position_embeddings=256,
-                       deepstack_visual_indexes=[0])
-    return config_cls(text_config=text, vision_config=vision, **(token_ids or QWEN_VISION_TOKEN_IDS))
+    if family == "qwen3.5":  # hybrid: linear attention then full attention, as the published 3:1 pattern ends
+        partial = 0.5  # the published models rotate a quarter of a 256-dim head; half of a tiny one
+        text["rope_parameters"] = _mrope(int(head_dim * partial), interleaved=True) | {"partial_rotary_factor": partial}
+        text |= dict(layer_types=["linear_attention"] * (size.num_layers - 1) + ["full_attention"],
+                     linear_num_key_heads=size.num_kv_heads, linear_num_value_heads=size.num_heads,
+                     linear_key_head_dim=head_dim, linear_value_head_dim=head_dim)
+    return text
+
+
+def _tiny_vision(family: str, size: TinySize) -> dict[str, Any]:
+    """The vision-tower part of a tiny config."""
+    spec = layout_spec(family)
+    vision = dict(depth=size.vision_depth, num_heads=size.vision_heads, patch_size=spec.patch_size,
+                  spatial_merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size, in_channels=3)
+    if family == "qwen2-vl":
+        return vision | dict(embed_dim=size.vision_hidden, hidden_size=size.hidden_size, mlp_ratio=2)
+    vision |= dict(hidden_size=size.vision_hidden, out_hidden_size=size.hidden_size,
+                   intermediate_size=2 * size.vision_hidden)
+    if family == "qwen2.5-vl":
+        return vision | dict(fullatt_block_indexes=[size.vision_depth - 1],
+                             window_size=spec.patch_size * spec.merge_size * 4)
+    vision |= dict(num_position_embeddings=256)
+    return vision | dict(deepstack_visual_indexes=[0]) if family == "qwen3-vl" else vision
 
 
 def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs: Any) -> PreTrainedModel:

@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 from mmref.trainer.checkpoint import copy_weights, load_weights_into
 from mmref.trainer.forward import vision_tower
@@ -245,7 +246,7 @@ class TransformersEngine:
             first(ids, out.logits[:, -1])
             tokens, token_logp = (t.reshape(-1, 1) for t in first.draw(n, greedy=sampling.temperature == 0))  # (B*n, 1)
             cache = out.past_key_values
-            cache.batch_repeat_interleave(n)
+            repeat_cache(cache, n)
             language = self.model.model
             language.rope_deltas = language.rope_deltas.repeat_interleave(n, dim=0)  # (B*n, 1): text positions
             ids = torch.cat([ids.repeat_interleave(n, dim=0), tokens], dim=1)
@@ -309,6 +310,22 @@ class TransformersEngine:
             self.weight_version = version
             self.load_s += time.perf_counter() - start
         return nbytes
+
+
+def repeat_cache(cache: Cache, repeats: int) -> None:
+    """Repeat a prefilled cache ``repeats`` times along the batch (in place), each row next to its copies.
+
+    Linear-attention layers (Qwen3.5's gated delta net) keep conv and recurrent states, which
+    transformers' ``batch_repeat_interleave`` does not repeat; those are repeated here.
+    """
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for states in (layer.conv_states, layer.recurrent_states):
+                for index, state in states.items():
+                    if state is not None:
+                        states[index] = state.repeat_interleave(repeats, dim=0)
+        if hasattr(layer, "batch_repeat_interleave"):  # attention (also the attention half of a hybrid layer)
+            layer.batch_repeat_interleave(repeats)
 
 
 def _choice(ids: list[int], logprobs: list[float], stops: Sequence[int]) -> Choice:
