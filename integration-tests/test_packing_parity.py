@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 
 from mmref.renderers import ImageStore
 from mmref.trainer.errors import PackingError
-from mmref.trainer.forward import forward_row
+from mmref.trainer.forward import forward_row, rope_index_of
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.pack import _concat, pack
-from trainer_cases import FAMILIES, IMAGE_TOKENS, PACKING_FAMILIES, make_sample, processor, small_spec, tiny
+from mmref.trainer.models import image_token_ids_of
+from trainer_cases import FAMILIES, PACKING_FAMILIES, make_sample, processor, small_spec, tiny
 
 
 def row_logits(model, family, store, row):
@@ -25,7 +26,7 @@ def row_logits(model, family, store, row):
     hook = model.lm_head.register_forward_hook(keep)
     try:
         with torch.no_grad():
-            forward_row(model, materialized, model.model.get_rope_index, IMAGE_TOKENS, 2, positions="all")
+            forward_row(model, materialized, rope_index_of(model), image_token_ids_of(model), 2, positions="all")
     finally:
         hook.remove()
     return captured["logits"]

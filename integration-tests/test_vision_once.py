@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmref.renderers import ImageStore
-from mmref.trainer.forward import vision_tower
+from mmref.trainer.forward import rope_index_of, vision_tower
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.pack import pack, row_position_ids
 from mmref.trainer.vision_once import vision_once
@@ -36,7 +36,7 @@ def test_unique_image_forward_equals_per_slot_forward(tmp_path_factory, family, 
     model = tiny(family)
     (row,) = pack([make_sample(store, family, pre, imgs, 2) for pre, imgs in specs], 10**6)
     (batch,) = Materializer(store, small_spec(family), processor(family)).materialize([row])
-    position_ids = row_position_ids(model.model.get_rope_index, row)
+    position_ids = row_position_ids(rope_index_of(model), row)
     seen = []
     hook = vision_tower(model).register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     once_logits, once_grad = logits_and_vision_grad(model, batch, position_ids, once=True)

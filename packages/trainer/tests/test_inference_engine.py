@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmref.trainer.checkpoint import save_checkpoint
-from mmref.trainer.forward import forward_row
+from mmref.trainer.forward import forward_row, vision_tower
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.pack import pack
 from mmref.trainer.samples import TrainingSample
@@ -17,8 +17,9 @@ from inference_cases import PAD, app_and_store, client, generate, prompt_with_im
 
 
 QWEN_VL = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
-# Families only newer transformers have (hybrid Qwen3.5): each is checked once per engine path, to keep CPU time low.
-NEWER = [f for f in ("qwen3.5",) if f in TINY_FAMILIES]
+# Families only newer transformers have (hybrid Qwen3.5, Kimi K2.5 with 1-D RoPE): each is checked once per
+# engine path, to keep CPU time low.
+NEWER = [f for f in ("qwen3.5", "kimi-k2.5") if f in TINY_FAMILIES]
 TEMPERATURES = [(0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (1.5, 1.0), (0.7, 0.8)]
 
 
@@ -227,7 +228,7 @@ def test_multi_token_group_request_prefills_once_then_decodes_every_sample_with_
     language = model.engine.model.model.language_model
     hooks = [language.register_forward_pre_hook(lambda m, a, k: text_rows.append(tuple(k["inputs_embeds"].shape[:2])),
                                                 with_kwargs=True),
-             model.engine.model.model.visual.register_forward_pre_hook(lambda m, a: tower_calls.append(1))]
+             vision_tower(model.engine.model).register_forward_pre_hook(lambda m, a: tower_calls.append(1))]
     try:
         response = generate(app, ids, slots, max_tokens=4, n=4, seed=7, temperature=1.0, stop_token_ids=[])
     finally:

@@ -59,10 +59,10 @@ def _intercept(args: argparse.Namespace) -> int:
     from mmref.client.train_client import TrainClient
     from mmref.renderers import ImageStore, layout_spec
     from mmref.renderers.render import create_renderer
-    from mmref.renderers.tokenizer import qwen2_tokenizer
+    from mmref.renderers.tokenizer import family_tokenizer
 
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
-    renderer = create_renderer(qwen2_tokenizer(), args.family, spec=layout_spec(args.family, **pixels))
+    renderer = create_renderer(family_tokenizer(args.family), args.family, spec=layout_spec(args.family, **pixels))
     app = create_interception_app(renderer, TrainClient(args.inference), ImageStore(args.store), trace_dir=args.trace_dir)
     print(f"mmref intercept: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 -> {args.inference}",
           flush=True)

@@ -79,11 +79,25 @@ def sampled_image_token_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor, i
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The Qwen-VL vision tower of a ``*ForConditionalGeneration`` model."""
-    return model.model.visual
+    """The vision tower of a ``*ForConditionalGeneration`` model: Qwen-VL's ``.model.visual`` (merger
+    included) or Kimi K2.5's ``.model.vision_tower`` (its projector is ``.model.mm_projector``)."""
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "module", inner)  # unwrap DDP
+    tower = getattr(inner, "visual", None) or getattr(inner, "vision_tower", None)
+    if tower is None:
+        raise TypeError(f"{type(model).__name__} has no .model.visual or .model.vision_tower: not a Qwen-VL or Kimi model")
+    return tower
 
 
-def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex, image_token_ids: Iterable[int],
+def rope_index_of(model: torch.nn.Module) -> RopeIndex | None:
+    """The model's mRoPE ``get_rope_index`` (Qwen-VL keeps it on the inner ``.model``); None for a model
+    whose text positions are plain 1-D ones (Kimi K2.5's DeepSeek-V3)."""
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "module", inner)  # unwrap DDP
+    return getattr(inner, "get_rope_index", None)
+
+
+def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex | None, image_token_ids: Iterable[int],
                 merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error",
                 positions: Literal["loss", "all"] = "loss", where: str = "row") -> RowOutput:
     """Run the model on a packed row; per-token logprobs and entropy at each sample's temperature.
@@ -107,7 +121,7 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
         loss_mask &= ~bad
         branch_mask &= ~bad_branches
     device = next(model.parameters()).device
-    position_ids = row_position_ids(rope_index, row).to(device)  # (4, 1, L)
+    position_ids = row_position_ids(rope_index, row).to(device)  # (4, 1, L), or (1, L) without mRoPE
     targets = batch.input_ids[0, 1:].to(device)
     keep = loss_mask[1:].to(device) if positions == "loss" else torch.ones_like(targets, dtype=torch.bool)
     main = keep.nonzero().flatten()  # positions whose next token we score

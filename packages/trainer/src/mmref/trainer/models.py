@@ -11,10 +11,15 @@ match the Qwen2 tokenizer. ``tiny_dir`` writes it as a model directory, and ever
 | qwen2.5-vl  | Qwen2_5_VLForConditionalGeneration   | 14    | CLIP     |
 | qwen3-vl    | Qwen3VLForConditionalGeneration      | 16    | 0.5      |
 | qwen3.5     | Qwen3_5ForConditionalGeneration      | 16    | 0.5      |
+| kimi-k2.5   | Kimi_K25ForConditionalGeneration     | 14    | 0.5      |
 
-Qwen3.5 needs a transformers that has ``transformers.models.qwen3_5`` (5.x); its text model
-is hybrid (gated delta net linear attention + full attention), which runs on CPU through
-transformers' torch fallback. The tiny one has one layer of each kind.
+Qwen3.5 and Kimi K2.5 need a transformers that has ``transformers.models.qwen3_5`` and
+``transformers.models.kimi_k25`` (5.x); without them those families are not offered.
+Qwen3.5's text model is hybrid (gated delta net linear attention + full attention), which
+runs on CPU through transformers' torch fallback; the tiny one has one layer of each kind.
+Kimi K2.5 is MoonViT + a DeepSeek-V3 text model (MLA attention, MoE; plain 1-D RoPE, no
+mRoPE); the tiny one has a dense layer then an MoE layer, and the Qwen2 vocabulary with
+Kimi's special tokens (``mmref.renderers.tokenizer.kimi_tokenizer``).
 """
 
 from __future__ import annotations
@@ -37,15 +42,21 @@ from transformers import (
 
 from mmref.renderers.layout import LayoutSpec, layout_spec, spec_from_image_processor
 from mmref.renderers.processed import build_image_processor  # noqa: F401  (re-exported)
+from mmref.renderers.tokenizer import KIMI_SPECIAL_TOKENS, KIMI_VIDEO_TOKEN, QWEN_FIRST_SPECIAL_ID
 from mmref.trainer.errors import UnsupportedModelError
 
-# Qwen2 tokenizer ids of the vision special tokens (shared by Qwen2-VL, 2.5-VL, 3-VL).
+# Qwen2 tokenizer ids of the vision special tokens (shared by Qwen2-VL, 2.5-VL, 3-VL, 3.5).
 QWEN_VISION_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656,
                          "vision_start_token_id": 151652, "vision_end_token_id": 151653}
 QWEN_VOCAB_SIZE = 151_936
 # config key -> the special token it names; a model directory's tokenizer must give these ids.
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                  "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+KIMI_VISION_TOKENS = {"image_token_id": "<|media_pad|>", "video_token_id": KIMI_VIDEO_TOKEN,
+                      "vision_start_token_id": "<|media_begin|>", "vision_end_token_id": "<|media_end|>"}
+# Their ids in ``kimi_tokenizer()`` (Kimi's specials, then the video token, from id 151643).
+KIMI_VISION_TOKEN_IDS = {name: QWEN_FIRST_SPECIAL_ID + (*KIMI_SPECIAL_TOKENS, KIMI_VIDEO_TOKEN).index(token)
+                         for name, token in KIMI_VISION_TOKENS.items()}
 
 _CLASSES = {
     "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
@@ -61,6 +72,13 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 else:
     _CLASSES["qwen3.5"] = (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
     FAMILY_BY_MODEL_TYPE["qwen3_5"] = "qwen3.5"
+try:
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    pass
+else:
+    _CLASSES["kimi-k2.5"] = (Kimi_K25Config, Kimi_K25ForConditionalGeneration)
+    FAMILY_BY_MODEL_TYPE["kimi_k25"] = "kimi-k2.5"
 TINY_FAMILIES: tuple[str, ...] = tuple(_CLASSES)
 
 
@@ -85,10 +103,39 @@ def tiny_config(family: str, vocab_size: int = QWEN_VOCAB_SIZE, size: TinySize =
         raise ValueError(f"no tiny model for family {family!r} in transformers {transformers.__version__}; "
                          f"choose one of {list(TINY_FAMILIES)}")
     config_cls, _ = _CLASSES[family]
+    token_ids = token_ids or (KIMI_VISION_TOKEN_IDS if family == "kimi-k2.5" else QWEN_VISION_TOKEN_IDS)
+    if family == "kimi-k2.5":
+        return config_cls(text_config=_tiny_kimi_text(vocab_size, size), vision_config=_tiny_kimi_vision(size),
+                          projection_hidden_size=size.vision_hidden, tie_word_embeddings=True, **token_ids)
     text = _tiny_text(family, vocab_size, size)
     vision = _tiny_vision(family, size)
     tied = {"tie_word_embeddings": True} if family == "qwen3.5" else {}  # its config's own default is untied
-    return config_cls(text_config=text, vision_config=vision, **tied, **(token_ids or QWEN_VISION_TOKEN_IDS))
+    return config_cls(text_config=text, vision_config=vision, **tied, **token_ids)
+
+
+def _tiny_kimi_text(vocab_size: int, size: TinySize) -> dict[str, Any]:
+    """A tiny DeepSeek-V3 (MLA attention with a query LoRA as published; a dense layer, then MoE layers of
+    4 experts, 2 per token). Without ``q_lora_rank`` the text ``q_proj`` would match transformers'
+    Kimi weight conversion meant for the vision tower's ``attn.q_proj`` and not load back."""
+    head_dim = size.hidden_size // size.num_heads
+    return dict(model_type="deepseek_v3", vocab_size=vocab_size, hidden_size=size.hidden_size,
+                intermediate_size=size.intermediate_size, moe_intermediate_size=size.intermediate_size // 4,
+                num_hidden_layers=size.num_layers, num_attention_heads=size.num_heads,
+                num_key_value_heads=size.num_heads, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=2 * head_dim, kv_lora_rank=head_dim,
+                qk_rope_head_dim=head_dim // 2, qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
+                max_position_embeddings=4096, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                **(dict(bos_token_id=None, eos_token_id=None, pad_token_id=None) if vocab_size < QWEN_VOCAB_SIZE else {}))
+
+
+def _tiny_kimi_vision(size: TinySize) -> dict[str, Any]:
+    """A tiny MoonViT with the published patch and merge sizes."""
+    spec = layout_spec("kimi-k2.5")
+    return dict(patch_size=spec.patch_size, merge_kernel_size=[spec.merge_size, spec.merge_size], pos_emb_height=16,
+                pos_emb_width=16, pos_emb_time=4, num_attention_heads=size.vision_heads,
+                num_hidden_layers=size.vision_depth, hidden_size=size.vision_hidden,
+                intermediate_size=2 * size.vision_hidden)
 
 
 def _mrope(rotary_dim: int, interleaved: bool) -> dict[str, Any]:
@@ -166,18 +213,31 @@ def processor_spec(family: str, processor: Qwen2VLImageProcessorPil) -> LayoutSp
     return spec_from_image_processor(family, processor)
 
 
-def vision_token_ids(tokenizer: Any) -> dict[str, int | None]:
+def merge_size_of(model: PreTrainedModel) -> int:
+    """Side of the patch square the vision tower merges into one token (Qwen-VL ``spatial_merge_size``,
+    Kimi ``merge_kernel_size``)."""
+    vision = model.config.vision_config
+    size = getattr(vision, "spatial_merge_size", None) or vision.merge_kernel_size[0]
+    return int(size)
+
+
+def vision_tokens(family: str) -> dict[str, str]:
+    """Config key -> the special token it names, for ``family``."""
+    return KIMI_VISION_TOKENS if family == "kimi-k2.5" else VISION_TOKENS
+
+
+def vision_token_ids(tokenizer: Any, family: str = "qwen2-vl") -> dict[str, int | None]:
     """The config's vision special-token ids as ``tokenizer`` has them (None where it lacks one)."""
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in VISION_TOKENS.items()}
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in vision_tokens(family).items()}
     return {name: None if i == tokenizer.unk_token_id else i for name, i in ids.items()}
 
 
 def image_token_ids_of(model: PreTrainedModel) -> frozenset[int]:
-    """Ids of every image special token of a Qwen-VL model (never to be sampled)."""
+    """Ids of every image special token of a model (never to be sampled)."""
     config = model.config
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     ids = {int(getattr(config, n)) for n in names if getattr(config, n, None) is not None}
     vocab = getattr(getattr(config, "text_config", config), "vocab_size", 0)
-    if vocab > 151_654:  # Qwen2 vocabulary: <|vision_pad|> too
+    if family_of(model) != "kimi-k2.5" and vocab > 151_654:  # Qwen2 vocabulary: <|vision_pad|> too
         ids.add(151_654)
     return frozenset(ids)

@@ -6,7 +6,8 @@ which each sampled (a GRPO group with one-token answers), share one sequence: th
 keeps its tokens in the row, the others become *branches*, extra sampled tokens scored at
 the same positions (``share_prefixes``). Exact: every sample's tokens get the loss they
 would get alone, and the group's prompt is forwarded once instead of G times. A packed row carries refs only; its position ids
-are the model's own ``get_rope_index`` per sample, stacked as 4 rows::
+are the model's own ``get_rope_index`` per sample, stacked as 4 rows (a model without
+mRoPE, Kimi K2.5, gets the first row alone)::
 
     position_ids[0]    text positions, restarting at 0 per sample (transformers builds a
                        block-diagonal causal mask from these resets)
@@ -234,8 +235,11 @@ def occupancy(rows: Sequence[PackedRow], max_seq_len: int) -> float:
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def row_position_ids(rope_index: RopeIndex, row: PackedRow) -> torch.Tensor:
-    """(4, 1, L) position ids of a packed row from the model's ``get_rope_index``, per sample."""
+def row_position_ids(rope_index: RopeIndex | None, row: PackedRow) -> torch.Tensor:
+    """(4, 1, L) position ids of a packed row from the model's ``get_rope_index``, per sample; (1, L) text
+    positions alone for a model without mRoPE (``rope_index=None``: Kimi K2.5)."""
+    if rope_index is None:
+        return torch.cat([torch.arange(length) for length in row.sample_lengths]).view(1, -1)
     ids = torch.tensor(row.token_ids)
     types = torch.tensor(row.mm_token_type_ids)
     pieces, start = [], 0
