@@ -92,11 +92,11 @@ def load_policy(path: str | Path, min_pixels: int | None = None, max_pixels: int
     ``tokenizer``: the one this directory was written with, already in memory (reading the
     real Qwen2 tokenizer back takes seconds; the tiny ``tiny-<family>`` server skips that).
     """
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText
 
     checked = inspect_model_dir(path, min_pixels, max_pixels)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checked.path)) if tokenizer is None else tokenizer
+        tokenizer = _load_tokenizer(checked.path) if tokenizer is None else tokenizer
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{checked.path}: the tokenizer does not load: {_first_line(exc)}") from None
     _check_token_ids(checked.path, checked.family, tokenizer)
@@ -139,6 +139,18 @@ def _image_processor(path: Path, family: str, config: dict[str, Any], min_pixels
             raise ProcessorConfigError(f"{file}: {ours} {getattr(processor, ours)} but config.json vision_config "
                                        f"{theirs} is {vision[theirs]}: the grids would not fit the vision tower")
     return processor
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The directory's tokenizer as saved. One saved as the generic fast backend (``TokenizersBackend``, what
+    mmref writes) loads as that: ``AutoTokenizer`` would build the model type's class instead (Qwen3.5's
+    re-derives its special tokens, making ``<|endoftext|>`` the unknown token)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    saved_as = _read_json(config).get("tokenizer_class") if config.is_file() else None
+    loader = PreTrainedTokenizerFast if saved_as in ("TokenizersBackend", "PreTrainedTokenizerFast") else AutoTokenizer
+    return loader.from_pretrained(str(path))
 
 
 def _check_token_ids(path: Path, family: str, tokenizer: PreTrainedTokenizerBase) -> None:
