@@ -13,7 +13,7 @@ from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.precision import prepare_model, resolve_dtype, shard_units, vision_modules
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer
-from trainer_cases import FAMILIES, IMAGE_TOKENS, PACKING_FAMILIES, make_sample, processor, small_spec
+from trainer_cases import FAMILIES, PACKING_FAMILIES, make_sample, processor, small_spec
 
 
 @pytest.fixture

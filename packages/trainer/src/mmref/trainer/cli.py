@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", help="store root (directory or fsspec URL); default: a new temp dir")
     demo.set_defaults(func=_demo)
     init = sub.add_parser("init", help="write the tiny random model of a family as a model directory")
-    init.add_argument("model", help="tiny-<family>: tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-qwen3.5, tiny-kimi-k2.5")
+    init.add_argument("model", help="tiny-<family>: tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-qwen3.5 "
+                                    "or tiny-kimi-k2.5 (the last two where transformers has them)")
     init.add_argument("directory", help="where to write it (replaced if it exists)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--min-pixels", type=int, help="processor min_pixels (default: the family's published one)")

@@ -85,7 +85,8 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     inner = getattr(inner, "module", inner)  # unwrap DDP
     tower = getattr(inner, "visual", None) or getattr(inner, "vision_tower", None)
     if tower is None:
-        raise TypeError(f"{type(model).__name__} has no .model.visual or .model.vision_tower: not a Qwen-VL or Kimi model")
+        raise TypeError(f"{type(model).__name__} has no .model.visual or .model.vision_tower: "
+                        "not a Qwen-VL or Kimi model")
     return tower
 
 
@@ -97,9 +98,10 @@ def rope_index_of(model: torch.nn.Module) -> RopeIndex | None:
     return getattr(inner, "get_rope_index", None)
 
 
-def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex | None, image_token_ids: Iterable[int],
-                merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error",
-                positions: Literal["loss", "all"] = "loss", where: str = "row") -> RowOutput:
+def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex | None,
+                image_token_ids: Iterable[int], merge_size: int,
+                sampled_image_tokens: Literal["error", "mask"] = "error", positions: Literal["loss", "all"] = "loss",
+                where: str = "row") -> RowOutput:
     """Run the model on a packed row; per-token logprobs and entropy at each sample's temperature.
 
     ``positions="loss"`` computes them only where the loss needs them (0 elsewhere): the full

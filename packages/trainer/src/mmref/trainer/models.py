@@ -35,7 +35,6 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
@@ -126,7 +125,7 @@ def _tiny_kimi_text(vocab_size: int, size: TinySize) -> dict[str, Any]:
                 qk_rope_head_dim=head_dim // 2, qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
                 max_position_embeddings=4096, tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                **(dict(bos_token_id=None, eos_token_id=None, pad_token_id=None) if vocab_size < QWEN_VOCAB_SIZE else {}))
+                **_special_ids(vocab_size))
 
 
 def _tiny_kimi_vision(size: TinySize) -> dict[str, Any]:
@@ -136,6 +135,11 @@ def _tiny_kimi_vision(size: TinySize) -> dict[str, Any]:
                 pos_emb_width=16, pos_emb_time=4, num_attention_heads=size.vision_heads,
                 num_hidden_layers=size.vision_depth, hidden_size=size.vision_hidden,
                 intermediate_size=2 * size.vision_hidden)
+
+
+def _special_ids(vocab_size: int) -> dict[str, None]:
+    """No bos/eos/pad ids for a tiny tokenizer's vocabulary (Qwen's do not exist in it); the defaults otherwise."""
+    return dict(bos_token_id=None, eos_token_id=None, pad_token_id=None) if vocab_size < QWEN_VOCAB_SIZE else {}
 
 
 def _mrope(rotary_dim: int, interleaved: bool) -> dict[str, Any]:
@@ -151,9 +155,8 @@ def _tiny_text(family: str, vocab_size: int, size: TinySize) -> dict[str, Any]:
     text = dict(vocab_size=vocab_size, hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
                 num_hidden_layers=size.num_layers, num_attention_heads=size.num_heads,
                 num_key_value_heads=size.num_kv_heads, max_position_embeddings=4096, tie_word_embeddings=True,
-                rope_parameters=_mrope(head_dim, interleaved=family != "qwen2-vl" and family != "qwen2.5-vl"))
-    if vocab_size < QWEN_VOCAB_SIZE:  # a tiny tokenizer: Qwen's bos/eos ids do not exist in its vocab
-        text |= dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                rope_parameters=_mrope(head_dim, interleaved=family not in ("qwen2-vl", "qwen2.5-vl")),
+                **_special_ids(vocab_size))
     if family in ("qwen3-vl", "qwen3.5"):
         text |= dict(head_dim=head_dim)
     if family == "qwen3.5":  # hybrid: linear attention then full attention, as the published 3:1 pattern ends
@@ -208,7 +211,7 @@ def family_of_model_type(model_type: str | None, where: str = "config.json") -> 
     return FAMILY_BY_MODEL_TYPE[model_type]
 
 
-def processor_spec(family: str, processor: Qwen2VLImageProcessorPil) -> LayoutSpec:
+def processor_spec(family: str, processor: Any) -> LayoutSpec:
     """The layout spec a live processor implements (its fingerprint is what refs must match)."""
     return spec_from_image_processor(family, processor)
 

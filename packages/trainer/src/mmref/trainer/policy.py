@@ -126,8 +126,9 @@ def _image_processor(path: Path, family: str, config: dict[str, Any], min_pixels
     kind = raw.get("image_processor_type")
     spec = layout_spec(family)
     if kind not in PROCESSOR_TYPES[spec.resize]:
-        raise ProcessorConfigError(f"{file}: image_processor_type {kind!r} is not a {family} image processor; "
-                                   f"the layout math reproduces {sorted(PROCESSOR_TYPES[spec.resize])}")
+        kinds = {"smart": "Qwen-VL", "navit": "Kimi K2.5"}
+        raise ProcessorConfigError(f"{file}: image_processor_type {kind!r} is not a {kinds[spec.resize]} image "
+                                   f"processor; the layout math reproduces {sorted(PROCESSOR_TYPES[spec.resize])}")
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     if overrides and spec.resize != "smart":
         raise ProcessorConfigError(f"{file}: {family} resizes by patch limits (navit), it has no min/max pixels; "
@@ -158,8 +159,8 @@ def _check_token_ids(path: Path, family: str, tokenizer: PreTrainedTokenizerBase
     config = _read_json(path / "config.json")
     for name, token_id in vision_token_ids(tokenizer, family).items():
         if name in config and config[name] != token_id:
-            raise ModelDirError(f"{path}: the tokenizer has {vision_tokens(family)[name]} at id {token_id} but config.json "
-                                f"{name} is {config[name]}: the tokenizer is not this model's")
+            raise ModelDirError(f"{path}: the tokenizer has {vision_tokens(family)[name]} at id {token_id} but "
+                                f"config.json {name} is {config[name]}: the tokenizer is not this model's")
 
 
 def _check_weights(path: Path) -> None:

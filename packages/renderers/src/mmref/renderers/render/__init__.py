@@ -27,7 +27,8 @@ def create_renderer(tokenizer: Any, family: str, spec: LayoutSpec | None = None,
     return RENDERERS[family](tokenizer, spec or layout_spec(family), **options)
 
 
-__all__ = ["CHAT_TEMPLATE_FILES", "chat_template", "ParsedResponse", "ParsedToolCall", "RENDERERS", "RenderedTokens", "Renderer", "create_renderer"]
+__all__ = ["CHAT_TEMPLATE_FILES", "chat_template", "ParsedResponse", "ParsedToolCall", "RENDERERS", "RenderedTokens",
+           "Renderer", "create_renderer"]
 
 
 # family -> its published Jinja chat template, shipped in ``mmref/renderers/chat_templates/``.
