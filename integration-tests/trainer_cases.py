@@ -24,6 +24,7 @@ IMAGE_TOKENS = frozenset({151652, 151653, 151654, 151655, 151656})
 # qwen3.5 and kimi-k2.5 where the installed transformers has their classes (models.qwen3_5, models.kimi_k25).
 FAMILIES = [f for f in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "kimi-k2.5") if f in TINY_FAMILIES]
 PACKING_FAMILIES = [f for f in FAMILIES if packs_samples(f)]  # several samples per row
+QWEN_VL = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]  # the families every transformers 5 has
 
 
 
