@@ -3,6 +3,7 @@ torchrun fed refs over ZMQ, no pixels on any hop, and a dead rank ending the run
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mmref.trainer.cli import main
+from mmref.trainer.models import TINY_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "examples" / "color-codeword.toml")
@@ -51,6 +53,24 @@ def test_short_rl_run_writes_metrics_plot_viewer_and_checkpoints(tmp_path, nproc
     page = (out / "viewer.html").read_text()
     sources = re.findall(r"src='([^']+)'", page)
     assert sources and all((out / s).resolve().is_relative_to(out.resolve()) and (out / s).exists() for s in sources)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", [f for f in ("qwen3.5", "kimi-k2.5") if f in TINY_FAMILIES])
+def test_short_rl_run_trains_the_tiny_model_of_each_newer_family(tmp_path, family):
+    """Rollouts served by the transformers engine, trained in process; the run's own pixel limits are dropped
+    (Kimi's navit resize has none: the tiny model directory's processor config decides)."""
+    lines = Path(CONFIG).read_text().splitlines()
+    config = tmp_path / "run.toml"
+    config.write_text("\n".join(line for line in lines if not line.startswith(("min_pixels", "max_pixels"))))
+    out = tmp_path / "run"
+    assert main(["rl", str(config), "--max-steps", "2", "--output-dir", str(out), "--set", "train.nproc=0", *SMALL,
+                 "--set", f"model.family='{family}'"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert all(m["loss_tokens"] > 0 and m["rollouts"] == 4 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
+               for m in metrics)
+    assert json.loads((out / "config.json").read_text())["model"]["family"] == family
 
 
 def _trainer_ranks(pid: int) -> list[psutil.Process]:

@@ -23,8 +23,9 @@ from mmref.renderers.layout import (
     ("qwen3.5", (1920, 1080), (1, 68, 120), 2040),
     # 10x10 is under min_pixels 3136: beta=5.6 -> ceil(56/28)*28 = 56 -> grid 4x4, 4 tokens
     ("qwen2-vl", (10, 10), (1, 4, 4), 4),
-    # kimi: 1920//14 * 1080//14 = 137*77 = 10549 < 16384 -> no scale; pad 1080 -> 1092, 1920 -> 1932
-    ("kimi-k2.5", (1920, 1080), (1, 78, 138), 1),
+    # kimi: 1920//14 * 1080//14 = 137*77 = 10549 < 16384 -> no scale; pad 1080 -> 1092, 1920 -> 1932;
+    # one pad per merged patch, as Kimi_K25Processor expands it: 78*138/4
+    ("kimi-k2.5", (1920, 1080), (1, 78, 138), 2691),
 ])
 def test_describe_image_matches_hand_worked_values(family, size, grid, tokens):
     layout = describe_image(layout_spec(family), *size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -12,8 +13,8 @@ import torch
 from mmref.trainer.distributed import RankInfo, check_all_ranks, fail_fast, wrap_data_parallel
 from mmref.trainer.errors import MissingImageError
 from mmref.trainer.launch import LaunchConfig, end_group, torchrun_command
-from mmref.trainer.job import zero_loss_pad
-from mmref.trainer.pack import MicroBatch, PackedRow
+from mmref.trainer.job import equal_row_counts, zero_loss_pad
+from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
 
 SINGLE = RankInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
 
@@ -53,13 +54,26 @@ def test_end_group_kills_a_child_that_ignores_sigterm():
     assert time.monotonic() - start < 5
 
 
+def _row(length: int = 3, family: str = "qwen2-vl") -> PackedRow:
+    return PackedRow(family=family, token_ids=[1] * length, loss_mask=[False] + [True] * (length - 1),
+                     advantages=[0.0] + [1.0] * (length - 1), inference_logprobs=[0.0] + [-1.0] * (length - 1),
+                     images=[], sample_lengths=[length], image_pad_id=151655, sample_temperatures=[1.0])
+
+
 def test_zero_loss_pad_keeps_tokens_and_images_but_drops_every_loss_token():
-    row = PackedRow(family="qwen2-vl", token_ids=[1, 2, 3], loss_mask=[False, True, True], advantages=[0.0, 1.0, 1.0],
-                    inference_logprobs=[0.0, -1.0, -1.0], images=[], sample_lengths=[3], image_pad_id=151655,
-                    sample_temperatures=[1.0])
+    row = dataclasses.replace(_row(), token_ids=[1, 2, 3])
     pad = zero_loss_pad(MicroBatch(3, [row]))
     assert pad.step == 3 and pad.rows[0].token_ids == [1, 2, 3]
     assert pad.num_loss_tokens == 0 and pad.rows[0].advantages == [0.0, 0.0, 0.0]
+
+
+def test_ranks_get_equal_row_counts_topped_up_with_zero_loss_rows():
+    """Three one-sample qwen3.5 rows on two ranks: the short rank runs a zero-loss copy, so FSDP2's
+    per-forward collectives pair up (2 forwards each) and the loss is unchanged."""
+    groups = split_by_tokens([_row(5, "qwen3.5"), _row(4, "qwen3.5"), _row(3, "qwen3.5")], 2)
+    equal = equal_row_counts(groups)
+    assert [len(g) for g in groups] == [1, 2] and [len(g) for g in equal] == [2, 2]
+    assert sum(MicroBatch(0, g).num_loss_tokens for g in equal) == sum(MicroBatch(0, g).num_loss_tokens for g in groups)
 
 
 def test_job_that_would_sync_weights_without_a_checkpoint_dir_is_refused():

@@ -6,17 +6,25 @@ import pytest
 import torch
 
 from mmref.trainer.checkpoint import save_checkpoint
-from mmref.trainer.forward import forward_row
+from mmref.trainer.forward import forward_row, vision_tower
 from mmref.trainer.materialize import Materializer
 from mmref.trainer.pack import pack
 from mmref.trainer.samples import TrainingSample
 from mmref.renderers.refs import parse_ref
 from mmref.trainer.inference.api import SamplingParams
+from mmref.trainer.models import TINY_FAMILIES
 from inference_cases import PAD, app_and_store, client, generate, prompt_with_images, served, stored_refs, teacher_forced
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
-@pytest.mark.parametrize("temperature, top_p", [(0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (1.5, 1.0), (0.7, 0.8)])
+QWEN_VL = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+# Families only newer transformers have (hybrid Qwen3.5, Kimi K2.5 with 1-D RoPE): each is checked once per
+# engine path, to keep CPU time low.
+NEWER = [f for f in ("qwen3.5", "kimi-k2.5") if f in TINY_FAMILIES]
+TEMPERATURES = [(0.5, 1.0), (0.7, 1.0), (1.0, 1.0), (1.5, 1.0), (0.7, 0.8)]
+
+
+@pytest.mark.parametrize("family, temperature, top_p",
+                         [(f, t, p) for f in QWEN_VL for t, p in TEMPERATURES] + [(f, 0.7, 0.8) for f in NEWER])
 def test_engine_logprobs_equal_trainer_teacher_forced_forward(family, temperature, top_p):
     """Both sides score under masked_log_softmax(logits / T), untruncated by top-p (mmref.trainer.logprobs)."""
     model = served(family)
@@ -112,6 +120,7 @@ def test_checkpoint_from_a_training_step_reloads_into_the_server_with_the_traine
     ("qwen2-vl", (1, 2, 3), 5, 2),       # generate: different lengths and image counts, left-padded
     ("qwen2-vl", (1, 0, 2, 3), 1, 3),    # one-token groups, a text-only prompt among them
     ("qwen3-vl", (1, 0, 2, 3), 1, 3),
+    *[(f, (1, 0, 2), 3, 2) for f in NEWER],  # left-padded prefill, then the repeated (hybrid) cache
 ])
 def test_concurrent_requests_run_as_one_batch_each_with_its_own_prompts_logprobs(family, image_counts, max_tokens, n):
     """Concurrent requests of different prompts batch together; every row's logprobs equal a teacher-forced
@@ -140,7 +149,7 @@ def test_concurrent_requests_run_as_one_batch_each_with_its_own_prompts_logprobs
             assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", QWEN_VL)
 def test_batched_requests_encode_each_shared_image_once_with_unchanged_logprobs(family):
     model = served(family)
     app, store = app_and_store(model)
@@ -170,7 +179,7 @@ def test_batched_requests_encode_each_shared_image_once_with_unchanged_logprobs(
         assert (alone - torch.tensor(choice["logprobs"])).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", QWEN_VL)
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_one_token_group_request_prefills_once_and_each_draw_has_the_trainers_logprob(family, temperature, top_p):
     """n=8, max_tokens=1 (a GRPO group as one request): one prompt row through the model, 8 draws."""
@@ -209,7 +218,7 @@ def test_greedy_one_token_group_repeats_the_argmax():
     assert all(abs(c["logprobs"][0] - longer["logprobs"][0]) <= 1e-5 for c in choices)
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", *NEWER])
 def test_multi_token_group_request_prefills_once_then_decodes_every_sample_with_the_trainers_logprobs(family):
     """n=4, max_tokens=4: the prompt is prefilled as one row, the KV cache is repeated, decode runs 4 rows."""
     model = served(family)
@@ -219,7 +228,7 @@ def test_multi_token_group_request_prefills_once_then_decodes_every_sample_with_
     language = model.engine.model.model.language_model
     hooks = [language.register_forward_pre_hook(lambda m, a, k: text_rows.append(tuple(k["inputs_embeds"].shape[:2])),
                                                 with_kwargs=True),
-             model.engine.model.model.visual.register_forward_pre_hook(lambda m, a: tower_calls.append(1))]
+             vision_tower(model.engine.model).register_forward_pre_hook(lambda m, a: tower_calls.append(1))]
     try:
         response = generate(app, ids, slots, max_tokens=4, n=4, seed=7, temperature=1.0, stop_token_ids=[])
     finally:

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from mmref.renderers import ImageStore
+from mmref.trainer.forward import vision_tower
 from mmref.trainer.inference.engine import TransformersEngine
 from mmref.trainer.models import TinySize, build_tiny_model, image_token_ids_of
 from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.precision import prepare_model, resolve_dtype, shard_units, vision_modules
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer
-from trainer_cases import FAMILIES, IMAGE_TOKENS, make_sample, processor, small_spec
+from trainer_cases import FAMILIES, PACKING_FAMILIES, make_sample, processor, small_spec
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def samples(store, family="qwen2-vl", count=3):
 def trainer_for(store, config: TrainConfig, family="qwen2-vl", seed=0) -> PolicyTrainer:
     model = prepare_model(build_tiny_model(family, seed=seed), config, "cpu")
     return PolicyTrainer(model, store=store, spec=small_spec(family), processor=processor(family), config=config,
-                         image_token_ids=IMAGE_TOKENS)
+                         image_token_ids=image_token_ids_of(model))
 
 
 def test_auto_dtype_is_float32_on_cpu_bfloat16_on_cuda_and_names_are_explicit():
@@ -74,7 +75,7 @@ def test_freeze_vision_leaves_tower_and_merger_unchanged_and_out_of_the_optimize
     assert len(optimized) == sum(1 for p in trainer.model.parameters()) - len(before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PACKING_FAMILIES)
 def test_gradient_checkpointing_gives_the_same_packed_loss_and_gradients(family, store):
     """Three samples packed in one row: recomputation must not change the packed forward."""
     rows = pack(samples(store, family), 4096)
@@ -96,6 +97,7 @@ def test_shard_units_are_every_decoder_layer_and_vision_block(family):
     model = build_tiny_model(family, size=size)
     units = shard_units(model)
     layers = list(model.model.language_model.layers)
-    blocks = list(model.model.visual.blocks)
+    tower = vision_tower(model)
+    blocks = list(getattr(tower, "blocks", None) or tower.layers)  # Qwen-VL blocks, Kimi MoonViT layers
     assert len(layers) == 3 and len(blocks) == 2
     assert {id(u) for u in units} == {id(m) for m in layers + blocks}

@@ -9,10 +9,10 @@ from mmref.renderers import ImageStore
 from mmref.renderers.errors import SlotError
 from mmref.trainer.checkpoint import load_weights_into, read_checkpoint_meta, save_checkpoint
 from mmref.trainer.errors import ImageTokenMismatchError
-from mmref.trainer.forward import forward_row
+from mmref.trainer.forward import forward_row, vision_tower
 from mmref.trainer.loss import policy_loss
 from mmref.trainer.materialize import Materializer
-from mmref.trainer.models import build_tiny_model
+from mmref.trainer.models import build_tiny_model, image_token_ids_of
 from mmref.trainer.pack import MicroBatch, pack
 from mmref.trainer.run_config import TrainConfig
 from mmref.trainer.step import PolicyTrainer, StepMetrics, frozen_copy
@@ -27,7 +27,7 @@ def store(tmp_path):
 def trainer_for(family, store, model=None, **config):
     model = model or build_tiny_model(family)
     return PolicyTrainer(model, store=store, spec=small_spec(family), processor=processor(family),
-                         config=TrainConfig(lr=1e-2, **config), image_token_ids=IMAGE_TOKENS)
+                         config=TrainConfig(lr=1e-2, **config), image_token_ids=image_token_ids_of(model))
 
 
 def materialized(store, sample, family="qwen2-vl"):
@@ -39,7 +39,7 @@ def test_one_step_is_finite_reaches_the_vision_tower_and_changes_weights(family,
     samples = [make_sample(store, family, 3, [(i, (64, 48))], 4, sampled=3, advantage=(-1) ** i, logprob=-11.0)
                for i in range(4)]
     trainer = trainer_for(family, store)
-    vision = trainer.model.model.visual.patch_embed.proj.weight
+    vision = vision_tower(trainer.model).patch_embed.proj.weight
     before = vision.detach().clone()
     metrics = trainer.step([MicroBatch(0, pack(samples, 4096))])
     assert all(torch.isfinite(torch.tensor(v)) for v in dataclasses.astuple(metrics))

@@ -50,9 +50,9 @@ class ImageLayout:
 class LayoutSpec:
     """Resize rules of one model family, as the published checkpoints configure them.
 
-    ``resize="smart"`` is Qwen-VL's ``smart_resize`` (one placeholder per merged patch);
-    ``resize="navit"`` is Kimi's navit resize (one placeholder per image, the model
-    expands it to ``grid`` features itself).
+    ``resize="smart"`` is Qwen-VL's ``smart_resize``; ``resize="navit"`` is Kimi's navit
+    resize. Both give one placeholder per merged patch (``t*h*w / merge**2``), as the
+    transformers processors of both expand a prompt's image token.
     """
 
     family: Family
@@ -81,10 +81,19 @@ class LayoutSpec:
         _SEEN_SPECS.remember(digest, self)
         return digest
 
-    def pixel_values_nbytes(self, grid_thw: tuple[int, int, int]) -> int:
-        """Bytes of the float32 ``pixel_values`` a processor makes for an image of this grid (3 channels)."""
+    def pixel_values_shape(self, grid_thw: tuple[int, int, int]) -> tuple[int, ...]:
+        """Shape of the ``pixel_values`` the family's processor makes for an image of this grid (3 channels).
+
+        Qwen-VL: one flat row per patch, ``(t*h*w, 3*temporal*p*p)``; Kimi: ``(t*h*w, 3, p, p)``.
+        """
         t, h, w = grid_thw
-        return t * h * w * 3 * self.temporal_patch_size * self.patch_size**2 * 4
+        if self.resize == "navit":
+            return (t * h * w, 3, self.patch_size, self.patch_size)
+        return (t * h * w, 3 * self.temporal_patch_size * self.patch_size**2)
+
+    def pixel_values_nbytes(self, grid_thw: tuple[int, int, int]) -> int:
+        """Bytes of the float32 ``pixel_values`` a processor makes for an image of this grid."""
+        return math.prod(self.pixel_values_shape(grid_thw)) * 4
 
     def replace(self, **changes: Any) -> LayoutSpec:
         """A copy with some parameters changed, e.g. ``spec.replace(max_pixels=512 * 28 * 28)``."""
@@ -171,13 +180,20 @@ def spec_from_image_processor(family: str, processor: Any) -> LayoutSpec:
     """The spec a live transformers image processor implements, for fingerprint checks.
 
     Reads the attributes Qwen-VL image processors expose (``patch_size``, ``merge_size``,
-    ``size['shortest_edge'|'longest_edge']`` or ``min_pixels``/``max_pixels``, mean, std).
+    ``size['shortest_edge'|'longest_edge']`` or ``min_pixels``/``max_pixels``, mean, std), or
+    Kimi's (``max_patches``, ``size['max_height']``).
     """
     spec = layout_spec(family)
-    if spec.resize != "smart":
-        raise LayoutError(f"family {family!r} has no transformers image processor; build its spec explicitly")
     size = getattr(processor, "size", None) or {}
     get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
+    mean_std = dict(image_mean=tuple(float(x) for x in processor.image_mean),
+                    image_std=tuple(float(x) for x in processor.image_std))
+    if spec.resize == "navit":
+        if get("max_height") != get("max_width"):
+            raise LayoutError(f"{family} image processor size {dict(size)}: max_height and max_width must be equal")
+        return spec.replace(patch_size=int(processor.patch_size), merge_size=int(processor.merge_size),
+                            in_patch_limit=int(processor.max_patches), patch_limit_on_one_side=int(get("max_height")),
+                            **mean_std)
     min_pixels = get("shortest_edge") or getattr(processor, "min_pixels", None) or spec.min_pixels
     max_pixels = get("longest_edge") or getattr(processor, "max_pixels", None) or spec.max_pixels
     return spec.replace(
@@ -186,8 +202,7 @@ def spec_from_image_processor(family: str, processor: Any) -> LayoutSpec:
         temporal_patch_size=int(processor.temporal_patch_size),
         min_pixels=int(min_pixels),
         max_pixels=int(max_pixels),
-        image_mean=tuple(float(x) for x in processor.image_mean),
-        image_std=tuple(float(x) for x in processor.image_std),
+        **mean_std,
     )
 
 
@@ -209,8 +224,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def navit_resize(height: int, width: int, spec: LayoutSpec) -> tuple[int, int]:
-    """Kimi navit resize: scale under the patch limits, then pad each side to the merge factor."""
+def navit_scaled_size(height: int, width: int, spec: LayoutSpec) -> tuple[int, int]:
+    """Kimi navit resize before padding: scaled (never up) under the total and per-side patch limits."""
     p, side = spec.patch_size, spec.patch_limit_on_one_side
     scale = min(
         1.0,
@@ -218,8 +233,12 @@ def navit_resize(height: int, width: int, spec: LayoutSpec) -> tuple[int, int]:
         side * p / width,
         side * p / height,
     )
-    new_w = min(max(1, int(width * scale)), side * p)
-    new_h = min(max(1, int(height * scale)), side * p)
+    return min(max(1, int(height * scale)), side * p), min(max(1, int(width * scale)), side * p)
+
+
+def navit_resize(height: int, width: int, spec: LayoutSpec) -> tuple[int, int]:
+    """Kimi navit resize: ``navit_scaled_size``, then each side padded up to the merge factor."""
+    new_h, new_w = navit_scaled_size(height, width, spec)
     f = spec.factor
     return new_h + (f - new_h % f) % f, new_w + (f - new_w % f) % f
 
@@ -240,7 +259,7 @@ def describe_image(spec: LayoutSpec, width: int, height: int) -> ImageLayout:
     check_size(width, height)
     if spec.resize == "navit":
         rh, rw = navit_resize(height, width, spec)
-        return ImageLayout((1, rh // spec.patch_size, rw // spec.patch_size), 1, rh, rw)
-    rh, rw = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
+    else:
+        rh, rw = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
     grid = (1, rh // spec.patch_size, rw // spec.patch_size)
     return ImageLayout(grid, grid[0] * grid[1] * grid[2] // spec.merge_size**2, rh, rw)

@@ -1,7 +1,8 @@
 """Processed mode (SFT): the raw-mode render plus pixels from the real image processor.
 
 Token ids are exactly raw mode's; the pixels come from transformers'
-``Qwen2VLImageProcessorPil`` configured by the renderer's ``LayoutSpec``, and each image's
+``Qwen2VLImageProcessorPil`` (Kimi K2.5: ``mmref.renderers.kimi_processor``) configured by
+the renderer's ``LayoutSpec``, and each image's
 grid is checked against its ref. transformers' processing classes and torch are imported
 lazily, so importing this module stays cheap.
 
@@ -35,13 +36,35 @@ class ProcessedRender:
     image_grid_thw: Any
 
 
-def build_image_processor(spec: LayoutSpec) -> Any:
-    """The transformers PIL image processor that implements ``spec`` (Qwen-VL families)."""
+# image_processor_type values (as configs name them) that each resize rule's PIL processor reads.
+PROCESSOR_TYPES = {
+    "smart": frozenset({"Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil"}),
+    "navit": frozenset({"Kimi_K25ImageProcessor", "Kimi_K25ImageProcessorPil"}),
+}
+
+
+def image_processor_class(spec: LayoutSpec) -> type:
+    """The PIL image processor class of ``spec``'s resize rule (``from_dict`` reads a saved config)."""
+    if spec.resize == "navit":
+        from mmref.renderers.kimi_processor import Kimi_K25ImageProcessorPil
+
+        return Kimi_K25ImageProcessorPil
     from transformers import Qwen2VLImageProcessorPil
 
-    if spec.resize != "smart":
-        raise RenderError(f"family {spec.family!r} has no transformers image processor")
-    return Qwen2VLImageProcessorPil(
+    return Qwen2VLImageProcessorPil
+
+
+def build_image_processor(spec: LayoutSpec) -> Any:
+    """The PIL image processor that implements ``spec``: transformers' Qwen2-VL one (every Qwen family),
+    or Kimi K2.5's (``mmref.renderers.kimi_processor``; transformers has it on torchvision only)."""
+    cls = image_processor_class(spec)
+    if spec.resize == "navit":
+        return cls(
+            patch_size=spec.patch_size, merge_size=spec.merge_size, max_patches=spec.in_patch_limit,
+            size={"max_height": spec.patch_limit_on_one_side, "max_width": spec.patch_limit_on_one_side},
+            image_mean=list(spec.image_mean), image_std=list(spec.image_std),
+        )
+    return cls(
         patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size,
         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
         image_mean=list(spec.image_mean), image_std=list(spec.image_std),

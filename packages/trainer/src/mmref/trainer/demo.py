@@ -53,7 +53,7 @@ def run_demo(store_root: str | Path, console: Console | None = None) -> list[dic
             ref = make_ref(layout_spec(family), stored)
             encoded = ref.encode()
             assert parse_ref(encoded) == ref
-            pixels = pixel_values_bytes(family, width, height) if family != "kimi-k2.5" else _kimi_pixels(ref)
+            pixels = pixel_values_bytes(family, width, height)
             rows.append(dict(image=name, family=family, grid_thw=ref.grid_thw, num_tokens=ref.num_tokens,
                              file_bytes=stored.nbytes, ref_bytes=len(encoded), pixel_values_bytes=pixels))
             table.add_row(name, family, "x".join(map(str, ref.grid_thw)), str(ref.num_tokens),
@@ -63,9 +63,3 @@ def run_demo(store_root: str | Path, console: Console | None = None) -> list[dic
         console.print(f"  {make_ref(layout_spec('qwen2-vl'), stored).encode()[:96]}…")
     console.print(table)
     return rows
-
-
-def _kimi_pixels(ref) -> int:
-    # MoonViT takes (patches, 3, 14, 14) float32: one temporal frame per image.
-    t, h, w = ref.grid_thw
-    return t * h * w * 3 * 14 * 14 * 4

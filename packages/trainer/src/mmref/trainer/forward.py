@@ -1,6 +1,7 @@
 """The model on one materialized packed row, with the checks that run before the vision tower.
 
 Checks, before any compute, on the row's actual ``input_ids``:
+- a row of several samples is one its family can pack exactly (``pack.check_row_packing``);
 - the slots are exactly the image-pad runs (``mmref.renderers.refs.check_slots``: a stray,
   missing or shifted pad is a ``SlotError`` naming the row and the asset);
 - image-pad tokens == features the grids will produce (``t*h*w / merge**2`` summed), else
@@ -27,7 +28,7 @@ from mmref.renderers.refs import check_slots
 from mmref.trainer.errors import ImageTokenMismatchError
 from mmref.trainer.logprobs import logprob_scale, masked_log_softmax
 from mmref.trainer.materialize import MaterializedRow
-from mmref.trainer.pack import RopeIndex, row_position_ids
+from mmref.trainer.pack import RopeIndex, check_row_packing, row_position_ids
 from mmref.trainer.vision_once import vision_once
 
 
@@ -78,19 +79,36 @@ def sampled_image_token_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor, i
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The Qwen-VL vision tower of a ``*ForConditionalGeneration`` model."""
-    return model.model.visual
+    """The vision tower of a ``*ForConditionalGeneration`` model: Qwen-VL's ``.model.visual`` (merger
+    included) or Kimi K2.5's ``.model.vision_tower`` (its projector is ``.model.mm_projector``)."""
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "module", inner)  # unwrap DDP
+    tower = getattr(inner, "visual", None) or getattr(inner, "vision_tower", None)
+    if tower is None:
+        raise TypeError(f"{type(model).__name__} has no .model.visual or .model.vision_tower: "
+                        "not a Qwen-VL or Kimi model")
+    return tower
 
 
-def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex, image_token_ids: Iterable[int],
-                merge_size: int, sampled_image_tokens: Literal["error", "mask"] = "error",
-                positions: Literal["loss", "all"] = "loss", where: str = "row") -> RowOutput:
+def rope_index_of(model: torch.nn.Module) -> RopeIndex | None:
+    """The model's mRoPE ``get_rope_index`` (Qwen-VL keeps it on the inner ``.model``); None for a model
+    whose text positions are plain 1-D ones (Kimi K2.5's DeepSeek-V3)."""
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "module", inner)  # unwrap DDP
+    return getattr(inner, "get_rope_index", None)
+
+
+def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: RopeIndex | None,
+                image_token_ids: Iterable[int], merge_size: int,
+                sampled_image_tokens: Literal["error", "mask"] = "error", positions: Literal["loss", "all"] = "loss",
+                where: str = "row") -> RowOutput:
     """Run the model on a packed row; per-token logprobs and entropy at each sample's temperature.
 
     ``positions="loss"`` computes them only where the loss needs them (0 elsewhere): the full
     (L, vocab) float32 softmax of a 4k-token row over Qwen's 152k vocab is 2.5 GB per copy.
     """
     image_token_ids = frozenset(image_token_ids)
+    check_row_packing(batch.row, f"trainer forward, {where}")
     check_image_tokens(batch, merge_size, where)
     row = batch.row
     loss_mask, branch_mask = batch.loss_mask.clone(), batch.branch_mask.clone()
@@ -105,7 +123,7 @@ def forward_row(model: torch.nn.Module, batch: MaterializedRow, rope_index: Rope
         loss_mask &= ~bad
         branch_mask &= ~bad_branches
     device = next(model.parameters()).device
-    position_ids = row_position_ids(rope_index, row).to(device)  # (4, 1, L)
+    position_ids = row_position_ids(rope_index, row).to(device)  # (4, 1, L), or (1, L) without mRoPE
     targets = batch.input_ids[0, 1:].to(device)
     keep = loss_mask[1:].to(device) if positions == "loss" else torch.ones_like(targets, dtype=torch.bool)
     main = keep.nonzero().flatten()  # positions whose next token we score

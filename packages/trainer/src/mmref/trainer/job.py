@@ -4,7 +4,8 @@
     Path("job.json").write_text(job.model_dump_json())     # torchrun ... -m mmref.trainer.train job.json
 
 The orchestrator (``rl_trainer``) writes the job and deals micro-batches of refs over the
-transport (``zero_loss_pad`` fills a short rank's share); each rank (``train``) reads them.
+transport (``equal_row_counts`` and ``zero_loss_pad`` fill a short rank's share); each rank
+(``train``) reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mmref.trainer.pack import MicroBatch
+from mmref.trainer.pack import MicroBatch, PackedRow
 from mmref.trainer.resume import StatePlan
 from mmref.trainer.run_config import TrainConfig
 
@@ -57,6 +58,25 @@ def zero_loss_pad(micro_batch: MicroBatch) -> MicroBatch:
     A copy rather than a text-only row because FSDP2 reduces only parameters that received a
     gradient: a rank whose pad skipped the vision tower would mismatch the others' reduce-scatter.
     """
-    rows = [replace(row, loss_mask=[False] * len(row), advantages=[0.0] * len(row), branch_positions=[],
-                    branch_token_ids=[], branch_advantages=[], branch_logprobs=[]) for row in micro_batch.rows]
-    return MicroBatch(micro_batch.step, rows)
+    return MicroBatch(micro_batch.step, [zero_loss_row(row) for row in micro_batch.rows])
+
+
+def zero_loss_row(row: PackedRow) -> PackedRow:
+    """A copy of ``row`` with every loss token and branch dropped (tokens and images kept)."""
+    return replace(row, loss_mask=[False] * len(row), advantages=[0.0] * len(row), branch_positions=[],
+                   branch_token_ids=[], branch_advantages=[], branch_logprobs=[])
+
+
+def equal_row_counts(groups: list[list[PackedRow]]) -> list[list[PackedRow]]:
+    """``groups`` (one per rank) topped up to one row count with zero-loss copies of the first group's rows.
+
+    Every rank then runs as many forwards, so FSDP2's per-forward collectives pair up; a rank
+    with fewer rows would wait forever. Families packed one sample per row (qwen3.5) make
+    uneven counts common.
+
+    >>> [len(g) for g in equal_row_counts([])]
+    []
+    """
+    count = max((len(g) for g in groups), default=0)
+    fill = [zero_loss_row(row) for row in groups[0]] if groups else []
+    return [group + [fill[i % len(fill)] for i in range(count - len(group))] for group in groups]

@@ -48,6 +48,7 @@ class MaterializedRow:
     input_ids:        (1, L) int64
     mm_token_type_ids:(1, L) int32
     unique_pixels:    one (t*h*w, C*tp*p*p) tensor per unique image of the row, on the device
+                      (Kimi: (t*h*w, C, p, p); ``LayoutSpec.pixel_values_shape``)
     unique_grid_thw:  (num_unique, 3) int64 or None, their grids
     image_index:      (num_slots,) int64 or None, slot -> unique image
     image_grid_thw:   (num_slots, 3) int64 or None, per slot (what the pad tokens need)
@@ -168,9 +169,7 @@ class Materializer:
         return entry.value
 
     def _placeholder(self, ref: RawImageRef) -> torch.Tensor:
-        t, h, w = ref.grid_thw
-        width = 3 * self.spec.temporal_patch_size * self.spec.patch_size**2
-        return torch.zeros(t * h * w, width)
+        return torch.zeros(self.spec.pixel_values_shape(ref.grid_thw))
 
 
 def _mask_samples_with(loss_mask: torch.Tensor, branch_mask: torch.Tensor, row: PackedRow, shas: set[str]) -> None:

@@ -6,13 +6,18 @@ which each sampled (a GRPO group with one-token answers), share one sequence: th
 keeps its tokens in the row, the others become *branches*, extra sampled tokens scored at
 the same positions (``share_prefixes``). Exact: every sample's tokens get the loss they
 would get alone, and the group's prompt is forwarded once instead of G times. A packed row carries refs only; its position ids
-are the model's own ``get_rope_index`` per sample, stacked as 4 rows::
+are the model's own ``get_rope_index`` per sample, stacked as 4 rows (a model without
+mRoPE, Kimi K2.5, gets the first row alone)::
 
     position_ids[0]    text positions, restarting at 0 per sample (transformers builds a
                        block-diagonal causal mask from these resets)
     position_ids[1:4]  mRoPE (t, h, w) positions per sample
 
-so a packed row's logits equal each sample's logits when run alone.
+so a packed row's logits equal each sample's logits when run alone. That holds for
+attention only: a family whose text model carries state along the sequence (Qwen3.5's
+gated delta net layers; transformers' torch path ignores the position resets) gets one
+sample per row (``SEQUENTIAL_FAMILIES``), and a row holding several is a ``PackingError``.
+Branches stay exact for every family: they share their sample's one sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +30,25 @@ import torch
 from mmref.renderers.refs import ImageSlot, token_types
 from mmref.trainer.errors import PackingError
 from mmref.trainer.samples import TrainingSample
+
+
+# family -> why several samples in one row would not each get the logits they get alone.
+SEQUENTIAL_FAMILIES = {
+    "qwen3.5": "its linear-attention (gated delta net) layers carry conv and recurrent state across sample "
+               "boundaries; position-id resets only separate the attention layers",
+}
+
+
+def packs_samples(family: str) -> bool:
+    """Whether samples of ``family`` may share a row (each still gets the logits it gets alone)."""
+    return family not in SEQUENTIAL_FAMILIES
+
+
+def check_row_packing(row: PackedRow, where: str = "row") -> None:
+    """``PackingError`` for a row of several samples of a family that cannot pack them exactly."""
+    if len(row.sample_lengths) > 1 and not packs_samples(row.family):
+        raise PackingError(f"{where}: {len(row.sample_lengths)} samples of family {row.family!r} in one row, but "
+                           f"{SEQUENTIAL_FAMILIES[row.family]}; pack them one per row (mmref.trainer.pack.pack)")
 
 
 @dataclass(frozen=True)
@@ -146,6 +170,7 @@ def pack(samples: Sequence[TrainingSample], max_seq_len: int, share: bool = True
     """First-fit-decreasing into rows of at most ``max_seq_len`` tokens; families never mix.
 
     ``share``: samples that differ only in their sampled last token share one sequence.
+    A family that cannot pack samples (``SEQUENTIAL_FAMILIES``) gets one sample per row.
     """
     truncated = [truncate(s, max_seq_len) for s in samples]
     units = share_prefixes(truncated) if share else [(s, []) for s in truncated]
@@ -154,7 +179,8 @@ def pack(samples: Sequence[TrainingSample], max_seq_len: int, share: bool = True
     for unit in sorted(units, key=lambda u: len(u[0]), reverse=True):
         sample = unit[0]
         for i, members in enumerate(bins):
-            if members[0][0].family == sample.family and sizes[i] + len(sample) <= max_seq_len:
+            if (members[0][0].family == sample.family and packs_samples(sample.family)
+                    and sizes[i] + len(sample) <= max_seq_len):
                 members.append(unit)
                 sizes[i] += len(sample)
                 break
@@ -209,8 +235,11 @@ def occupancy(rows: Sequence[PackedRow], max_seq_len: int) -> float:
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def row_position_ids(rope_index: RopeIndex, row: PackedRow) -> torch.Tensor:
-    """(4, 1, L) position ids of a packed row from the model's ``get_rope_index``, per sample."""
+def row_position_ids(rope_index: RopeIndex | None, row: PackedRow) -> torch.Tensor:
+    """(4, 1, L) position ids of a packed row from the model's ``get_rope_index``, per sample; (1, L) text
+    positions alone for a model without mRoPE (``rope_index=None``: Kimi K2.5)."""
+    if rope_index is None:
+        return torch.cat([torch.arange(length) for length in row.sample_lengths]).view(1, -1)
     ids = torch.tensor(row.token_ids)
     types = torch.tensor(row.mm_token_type_ids)
     pieces, start = [], 0

@@ -31,16 +31,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmref.renderers.layout import LayoutSpec, spec_from_image_processor
-from mmref.renderers.processed import build_image_processor
+from mmref.renderers.layout import LayoutSpec, layout_spec, spec_from_image_processor
+from mmref.renderers.processed import PROCESSOR_TYPES, build_image_processor, image_processor_class
 from mmref.trainer.errors import IncompleteModelDirError, ModelDirError, ProcessorConfigError
-from mmref.trainer.models import VISION_TOKENS, family_of_model_type, vision_token_ids
+from mmref.trainer.models import family_of_model_type, vision_token_ids, vision_tokens
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-QWEN_IMAGE_PROCESSORS = frozenset({"Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil"})
 # Processor settings that decide pixels beyond the spec's own fields: the processor rebuilt
 # from the derived spec (what the client and the vLLM engine use) must agree on each.
 PIXEL_KEYS = ("do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "size",
@@ -56,7 +55,7 @@ class ModelDir:
 
     path: Path
     family: str
-    processor: Any  # Qwen2VLImageProcessorPil with the run's pixel overrides applied
+    processor: Any  # the family's PIL image processor, with the run's pixel overrides applied
     spec: LayoutSpec
 
 
@@ -82,7 +81,7 @@ def inspect_model_dir(path: str | Path, min_pixels: int | None = None, max_pixel
     family = family_of_model_type(config.get("model_type"), where=str(path / "config.json"))
     _check_weights(path)
     _require(path, TOKENIZER_FILES, "a tokenizer (save it with tokenizer.save_pretrained(DIR))")
-    processor = _image_processor(path, config, min_pixels, max_pixels)
+    processor = _image_processor(path, family, config, min_pixels, max_pixels)
     return ModelDir(path, family, processor, spec_of(family, processor, path))
 
 
@@ -93,14 +92,14 @@ def load_policy(path: str | Path, min_pixels: int | None = None, max_pixels: int
     ``tokenizer``: the one this directory was written with, already in memory (reading the
     real Qwen2 tokenizer back takes seconds; the tiny ``tiny-<family>`` server skips that).
     """
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText
 
     checked = inspect_model_dir(path, min_pixels, max_pixels)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checked.path)) if tokenizer is None else tokenizer
+        tokenizer = _load_tokenizer(checked.path) if tokenizer is None else tokenizer
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"{checked.path}: the tokenizer does not load: {_first_line(exc)}") from None
-    _check_token_ids(checked.path, tokenizer)
+    _check_token_ids(checked.path, checked.family, tokenizer)
     with torch.random.fork_rng(devices=[]):  # loading must not move the global RNG that sampling draws from
         model = AutoModelForImageTextToText.from_pretrained(str(checked.path), dtype=dtype).eval()
     return Policy(checked.path, checked.family, model, tokenizer, checked.processor, checked.spec)
@@ -118,19 +117,23 @@ def spec_of(family: str, processor: Any, where: Path | str) -> LayoutSpec:
     return spec
 
 
-def _image_processor(path: Path, config: dict[str, Any], min_pixels: int | None, max_pixels: int | None) -> Any:
-    """The directory's Qwen-VL image processor (PIL backend), with the pixel overrides, checked against the model."""
-    from transformers import Qwen2VLImageProcessorPil
-
+def _image_processor(path: Path, family: str, config: dict[str, Any], min_pixels: int | None,
+                     max_pixels: int | None) -> Any:
+    """The directory's image processor (PIL backend), with the pixel overrides, checked against the model."""
     file = _require(path, PROCESSOR_FILES, "an image processor config (save it with processor.save_pretrained(DIR))")
     raw = _read_json(file)
     raw = raw.get("image_processor", raw)  # processor_config.json nests it
     kind = raw.get("image_processor_type")
-    if kind not in QWEN_IMAGE_PROCESSORS:
-        raise ProcessorConfigError(f"{file}: image_processor_type {kind!r} is not a Qwen-VL image processor; "
-                                   f"the layout math reproduces {sorted(QWEN_IMAGE_PROCESSORS)}")
+    spec = layout_spec(family)
+    if kind not in PROCESSOR_TYPES[spec.resize]:
+        kinds = {"smart": "Qwen-VL", "navit": "Kimi K2.5"}
+        raise ProcessorConfigError(f"{file}: image_processor_type {kind!r} is not a {kinds[spec.resize]} image "
+                                   f"processor; the layout math reproduces {sorted(PROCESSOR_TYPES[spec.resize])}")
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    processor = Qwen2VLImageProcessorPil.from_dict(raw, **overrides)
+    if overrides and spec.resize != "smart":
+        raise ProcessorConfigError(f"{file}: {family} resizes by patch limits (navit), it has no min/max pixels; "
+                                   f"set max_patches or size in the processor config instead of {sorted(overrides)}")
+    processor = image_processor_class(spec).from_dict(raw, **overrides)
     vision = config.get("vision_config") or {}
     for ours, theirs in VISION_KEYS.items():
         if theirs in vision and int(vision[theirs]) != int(getattr(processor, ours)):
@@ -139,13 +142,25 @@ def _image_processor(path: Path, config: dict[str, Any], min_pixels: int | None,
     return processor
 
 
-def _check_token_ids(path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The directory's tokenizer as saved. One saved as the generic fast backend (``TokenizersBackend``, what
+    mmref writes) loads as that: ``AutoTokenizer`` would build the model type's class instead (Qwen3.5's
+    re-derives its special tokens, making ``<|endoftext|>`` the unknown token)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    saved_as = _read_json(config).get("tokenizer_class") if config.is_file() else None
+    loader = PreTrainedTokenizerFast if saved_as in ("TokenizersBackend", "PreTrainedTokenizerFast") else AutoTokenizer
+    return loader.from_pretrained(str(path))
+
+
+def _check_token_ids(path: Path, family: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """The tokenizer's vision special tokens must be the ids config.json gives the model."""
     config = _read_json(path / "config.json")
-    for name, token_id in vision_token_ids(tokenizer).items():
+    for name, token_id in vision_token_ids(tokenizer, family).items():
         if name in config and config[name] != token_id:
-            raise ModelDirError(f"{path}: the tokenizer has {VISION_TOKENS[name]} at id {token_id} but config.json "
-                                f"{name} is {config[name]}: the tokenizer is not this model's")
+            raise ModelDirError(f"{path}: the tokenizer has {vision_tokens(family)[name]} at id {token_id} but "
+                                f"config.json {name} is {config[name]}: the tokenizer is not this model's")
 
 
 def _check_weights(path: Path) -> None:

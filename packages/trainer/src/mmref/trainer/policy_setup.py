@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mmref.client.environment import Vocabulary
+from mmref.renderers.layout import layout_spec
 from mmref.trainer.models import TinySize
 from mmref.trainer.policy import Policy, load_policy
 from mmref.trainer.run_config import RunConfig
@@ -30,11 +31,13 @@ def build_policy(config: RunConfig, vocabulary: Vocabulary | None) -> Policy:
 
 def write_task_model_dir(config: RunConfig, vocabulary: Vocabulary | None) -> Path:
     """``<output_dir>/model``: the tiny ``model.family`` model with the tokenizer of the task's ``vocabulary``."""
-    tokenizer = task_tokenizer(vocabulary)
+    family = config.model.family
+    tokenizer = task_tokenizer(vocabulary, family)
     size = TinySize(hidden_size=config.model.hidden_size, num_layers=config.model.num_layers,
                     vision_depth=config.model.vision_depth)
-    return write_tiny_model_dir(config.model.family, Path(config.output_dir) / "model", tokenizer=tokenizer,
-                                seed=config.model.seed, size=size, **TASK_PIXELS)
+    pixels = TASK_PIXELS if layout_spec(family).resize == "smart" else {}  # Kimi's navit resize: its defaults
+    return write_tiny_model_dir(family, Path(config.output_dir) / "model", tokenizer=tokenizer,
+                                seed=config.model.seed, size=size, **pixels)
 
 
 def pick_device(config: RunConfig) -> str:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from mmref.trainer.forward import vision_tower
 from mmref.trainer.run_config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -37,12 +38,11 @@ def resolve_dtype(name: DTypeName, device: str | torch.device) -> torch.dtype:
 
 
 def vision_modules(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision tower of a Qwen-VL ``*ForConditionalGeneration`` model, merger included."""
-    inner = getattr(model, "model", None)
-    visual = getattr(inner, "visual", None)
-    if visual is None:
-        raise TypeError(f"{type(model).__name__} has no .model.visual: train.freeze_vision needs a Qwen-VL model")
-    return visual
+    """The vision side of a ``*ForConditionalGeneration`` model: Qwen-VL's tower (merger included), or
+    Kimi K2.5's tower with its projector (``mm_projector``, Kimi's merger) in one ``ModuleList``."""
+    tower = vision_tower(model)
+    projector = getattr(getattr(model, "model", None), "mm_projector", None)
+    return tower if projector is None else torch.nn.ModuleList([tower, projector])
 
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:

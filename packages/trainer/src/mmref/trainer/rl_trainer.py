@@ -32,7 +32,7 @@ from mmref.trainer.checkpoint import checkpoint_nbytes, save_checkpoint, sync_re
 from mmref.trainer.errors import ReceiveTimeoutError, TrainerJobError
 from mmref.trainer.export import StepExports
 from mmref.trainer.inference.threaded import free_port
-from mmref.trainer.job import DistributedJob, zero_loss_pad
+from mmref.trainer.job import DistributedJob, equal_row_counts, zero_loss_pad
 from mmref.trainer.launch import LaunchConfig, end_group, spawn
 from mmref.trainer.pack import MicroBatch, PackedRow, split_by_tokens
 from mmref.trainer.resume import StatePlan, save_trainer_if_due
@@ -156,7 +156,8 @@ class TorchrunTrainer:
         """Deal ``rows`` to the ranks by token count, then wait for rank 0's metrics of ``step``."""
         if not rows:
             raise ValueError(f"step {step} has no rows to train on")
-        micro_batches = [MicroBatch(step, group) for group in split_by_tokens(rows, self.nproc) if group]
+        groups = equal_row_counts([group for group in split_by_tokens(rows, self.nproc) if group])
+        micro_batches = [MicroBatch(step, group) for group in groups]
         per_rank = deal([mb.to_wire() for mb in micro_batches], self.nproc,
                         lambda rank: zero_loss_pad(micro_batches[0]).to_wire())
         start = time.perf_counter()

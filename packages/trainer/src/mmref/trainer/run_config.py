@@ -27,11 +27,12 @@ class ModelConfig(_Section):
 
     ``path`` is a ``save_pretrained`` directory (``mmref init tiny-qwen2-vl DIR`` writes one);
     its ``model_type`` gives the family and its processor config the pixel limits.
-    ``family``, the sizes and ``seed`` describe the tiny default only. ``min_pixels`` and
-    ``max_pixels`` override the directory's processor config (and exports carry the override).
+    ``family``, the sizes and ``seed`` describe the tiny default only (qwen3.5 and kimi-k2.5 need a
+    transformers with their classes). ``min_pixels`` and ``max_pixels`` override the directory's
+    processor config (and exports carry the override); kimi-k2.5 (navit resize) has none.
     """
 
-    family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"] = "qwen2-vl"
+    family: Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "kimi-k2.5"] = "qwen2-vl"
     path: str | None = None
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)

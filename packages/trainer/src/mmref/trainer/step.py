@@ -24,7 +24,7 @@ import torch
 from mmref.renderers.layout import LayoutSpec
 from mmref.renderers.refs import check_slots
 from mmref.renderers.store import ImageStore
-from mmref.trainer.forward import RowOutput, forward_row
+from mmref.trainer.forward import RowOutput, forward_row, rope_index_of
 from mmref.trainer.loss import policy_loss
 from mmref.trainer.lr_schedule import build_scheduler
 from mmref.trainer.materialize import MaterializedRow, Materializer
@@ -112,7 +112,7 @@ class PolicyTrainer:
         self.scheduler = build_scheduler(self.optimizer, total_steps=total_steps or 1, warmup_steps=config.warmup_steps,
                                          decay=config.lr_decay if total_steps else "constant",
                                          min_ratio=config.min_lr_ratio)
-        self.rope_index = _rope_index_of(model)
+        self.rope_index = rope_index_of(model)
 
     def forward(self, batch: MaterializedRow, where: str = "row") -> RowOutput:
         return forward_row(self.model, batch, self.rope_index, self.image_token_ids, self.spec.merge_size, where=where)
@@ -198,12 +198,3 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
-
-
-def _rope_index_of(model: torch.nn.Module):
-    """The model's ``get_rope_index`` (Qwen-VL models keep it on the inner ``.model``)."""
-    inner = getattr(model, "model", model)
-    inner = getattr(inner, "module", inner)  # unwrap DDP
-    if not hasattr(inner, "get_rope_index"):
-        raise TypeError(f"{type(model).__name__} has no get_rope_index; mmref packs Qwen-VL models only")
-    return inner.get_rope_index

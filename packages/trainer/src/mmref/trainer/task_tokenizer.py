@@ -12,17 +12,27 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerFast
 
 from mmref.client.environment import Vocabulary
-from mmref.renderers.tokenizer import tiny_tokenizer
+from mmref.renderers.render.kimi import DEFAULT_SYSTEM as KIMI_SYSTEM
+from mmref.renderers.tokenizer import KIMI_SPECIAL_TOKENS, KIMI_VIDEO_TOKEN, tiny_tokenizer
 
 ROLE_WORDS = ("system", "user", "assistant")
 RL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Kimi K2.5's chat scaffold: its special tokens, and the words and system text it writes as text.
+KIMI_RL_SPECIALS = (*KIMI_SPECIAL_TOKENS, KIMI_VIDEO_TOKEN)
+KIMI_WORDS, KIMI_TEXT = ("image",), KIMI_SYSTEM + "<think></think>"
 
 
-def task_tokenizer(vocabulary: Vocabulary | None) -> PreTrainedTokenizerFast:
-    """Answer words, then the chat roles, then prompt words as single tokens; the alphabet of all the text."""
+def task_tokenizer(vocabulary: Vocabulary | None, family: str = "qwen2-vl") -> PreTrainedTokenizerFast:
+    """Answer words, then the chat roles, then prompt words as single tokens; the alphabet of all the text.
+
+    ``family``: kimi-k2.5 gets Kimi's special tokens and the text its template writes, Qwen families Qwen's.
+    """
+    kimi = family == "kimi-k2.5"
+    specials = KIMI_RL_SPECIALS if kimi else RL_SPECIALS
+    roles = ROLE_WORDS + (KIMI_WORDS if kimi else ())
     if vocabulary is None:
-        return tiny_tokenizer(ROLE_WORDS, specials=RL_SPECIALS)
-    words = tuple(dict.fromkeys(vocabulary.words + ROLE_WORDS + vocabulary.prompt_words))
-    text = vocabulary.text + "".join(words) + " \n"
-    return tiny_tokenizer(words, specials=RL_SPECIALS, alphabet="".join(sorted(set(text))))
+        return tiny_tokenizer(roles, specials=specials)
+    words = tuple(dict.fromkeys(vocabulary.words + roles + vocabulary.prompt_words))
+    text = vocabulary.text + "".join(words) + " \n" + (KIMI_TEXT if kimi else "")
+    return tiny_tokenizer(words, specials=specials, alphabet="".join(sorted(set(text))))

@@ -27,14 +27,18 @@ def create_renderer(tokenizer: Any, family: str, spec: LayoutSpec | None = None,
     return RENDERERS[family](tokenizer, spec or layout_spec(family), **options)
 
 
-__all__ = ["chat_template", "ParsedResponse", "ParsedToolCall", "RENDERERS", "RenderedTokens", "Renderer", "create_renderer"]
+__all__ = ["CHAT_TEMPLATE_FILES", "chat_template", "ParsedResponse", "ParsedToolCall", "RENDERERS", "RenderedTokens",
+           "Renderer", "create_renderer"]
+
+
+# family -> its published Jinja chat template, shipped in ``mmref/renderers/chat_templates/``.
+CHAT_TEMPLATE_FILES = {"qwen2-vl": "qwen2_vl.jinja", "qwen2.5-vl": "qwen2_5_vl.jinja", "qwen3-vl": "qwen3_vl.jinja"}
 
 
 def chat_template(family: str) -> str:
     """The published Jinja chat template of a Qwen-VL family, as shipped in this package."""
     from importlib import resources
 
-    names = {"qwen2-vl": "qwen2_vl.jinja", "qwen2.5-vl": "qwen2_5_vl.jinja", "qwen3-vl": "qwen3_vl.jinja"}
-    if family not in names:
-        raise RenderError(f"no shipped chat template for {family!r}; have {sorted(names)}")
-    return (resources.files("mmref.renderers") / "chat_templates" / names[family]).read_text()
+    if family not in CHAT_TEMPLATE_FILES:
+        raise RenderError(f"no shipped chat template for {family!r}; have {sorted(CHAT_TEMPLATE_FILES)}")
+    return (resources.files("mmref.renderers") / "chat_templates" / CHAT_TEMPLATE_FILES[family]).read_text()

@@ -1,10 +1,11 @@
-"""Kimi K2.5 chat format: role tokens, one ``<|media_pad|>`` per image.
+"""Kimi K2.5 chat format: role tokens, and each image's ``<|media_pad|>`` run.
 
-    <|im_user|>user<|im_middle|><|media_begin|>image<|media_content|><|media_pad|><|media_end|>text<|im_end|>
+    <|im_user|>user<|im_middle|><|media_begin|>image<|media_content|><|media_pad|>...<|media_end|>text<|im_end|>
     <|im_assistant|>assistant<|im_middle|>
 
-The model expands the single pad into the image's features itself, so each ref has
-``num_tokens == 1`` while ``grid_thw`` carries the navit grid.
+The chat template writes one ``<|media_pad|>`` per image and the processor expands it to one
+per merged patch (transformers' ``Kimi_K25Processor.replace_image_token``: ``t*h*w / merge**2``);
+a ref's ``num_tokens`` is that expanded count, the tokens the model sees.
 """
 
 from __future__ import annotations

@@ -25,11 +25,13 @@ from typing import Literal, Protocol
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 from mmref.trainer.checkpoint import copy_weights, load_weights_into
-from mmref.trainer.forward import vision_tower
+from mmref.trainer.forward import rope_index_of, vision_tower
 from mmref.trainer.inference.api import Choice, SamplingParams
 from mmref.trainer.inference.sampling import RecordingSampler
+from mmref.trainer.models import merge_size_of
 from mmref.trainer.pixels import ImageFeatures
 from mmref.trainer.vision_once import vision_once
 
@@ -93,7 +95,8 @@ class TransformersEngine:
             raise ValueError(f"max_model_len {max_model_len} must be in [1, {limit}] (the model's max_position_embeddings)")
         self.max_model_len = max_model_len or limit
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
-        self.merge_size = int(model.config.vision_config.spatial_merge_size)
+        self.merge_size = merge_size_of(model)
+        self._mrope = rope_index_of(model) is not None  # mRoPE models take mm_token_type_ids, others refuse them
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,12 +208,12 @@ class TransformersEngine:
                 # one prompt (1 thread). Image prompts only: their mRoPE positions come from
                 # get_rope_index with the attention mask, as in generate; text-only left-padded
                 # prompts would need generate's own text positions.
-                logits = self.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kwargs,
+                logits = self.model(input_ids=ids, attention_mask=mask, **self._positions(mask, types), **kwargs,
                                     use_cache=False, logits_to_keep=1).logits[:, -1]
                 sampler(ids, logits)
             else:
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kwargs,
+                    input_ids=ids, attention_mask=mask, **self._token_types(types), **kwargs,
                     do_sample=sampling.temperature > 0, logits_processor=LogitsProcessorList([sampler]),
                     max_new_tokens=sampling.max_tokens, eos_token_id=stops, pad_token_id=self.pad_token_id,
                     num_return_sequences=expand, return_dict_in_generate=True,
@@ -222,6 +225,18 @@ class TransformersEngine:
                 tokens, token_logp = out.sequences[:, width:], sampler.finish(out.sequences)
         rows = [_choice(row.tolist(), lp.tolist(), stops) for row, lp in zip(tokens, token_logp)]
         return [rows[i * sampling.n:(i + 1) * sampling.n] for i in range(len(jobs))]
+
+    def _token_types(self, types: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``generate``'s position inputs: ``mm_token_type_ids`` for an mRoPE model; nothing for a model with
+        1-D positions (generate counts them from the attention mask)."""
+        return {"mm_token_type_ids": types} if self._mrope else {}
+
+    def _positions(self, mask: torch.Tensor, types: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A direct forward's position inputs for left-padded rows: as ``generate`` makes them (mRoPE models
+        derive theirs from the mask), else 1-D positions counted from each row's first real token."""
+        if self._mrope:
+            return self._token_types(types)
+        return {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
 
     def _generate_expanded(self, jobs: Sequence[Job], ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
                            kwargs: dict[str, torch.Tensor], images: AbstractContextManager,
@@ -240,19 +255,20 @@ class TransformersEngine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             with images:
-                out = self.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kwargs,
+                out = self.model(input_ids=ids, attention_mask=mask, **self._positions(mask, types), **kwargs,
                                  use_cache=True, logits_to_keep=1)
             first(ids, out.logits[:, -1])
             tokens, token_logp = (t.reshape(-1, 1) for t in first.draw(n, greedy=sampling.temperature == 0))  # (B*n, 1)
             cache = out.past_key_values
-            cache.batch_repeat_interleave(n)
+            repeat_cache(cache, n)
             language = self.model.model
-            language.rope_deltas = language.rope_deltas.repeat_interleave(n, dim=0)  # (B*n, 1): text positions
+            if getattr(language, "rope_deltas", None) is not None:  # mRoPE models: (B*n, 1) text positions
+                language.rope_deltas = language.rope_deltas.repeat_interleave(n, dim=0)
             ids = torch.cat([ids.repeat_interleave(n, dim=0), tokens], dim=1)
             mask = torch.cat([mask.repeat_interleave(n, dim=0), torch.ones_like(tokens)], dim=1)
             types = torch.cat([types.repeat_interleave(n, dim=0), torch.zeros_like(tokens)], dim=1)
             more = self.model.generate(
-                input_ids=ids, attention_mask=mask, mm_token_type_ids=types, past_key_values=cache,
+                input_ids=ids, attention_mask=mask, **self._token_types(types), past_key_values=cache,
                 do_sample=sampling.temperature > 0, logits_processor=LogitsProcessorList([rest]),
                 max_new_tokens=sampling.max_tokens - 1, eos_token_id=stops, pad_token_id=self.pad_token_id,
                 return_dict_in_generate=True,
@@ -309,6 +325,22 @@ class TransformersEngine:
             self.weight_version = version
             self.load_s += time.perf_counter() - start
         return nbytes
+
+
+def repeat_cache(cache: Cache, repeats: int) -> None:
+    """Repeat a prefilled cache ``repeats`` times along the batch (in place), each row next to its copies.
+
+    Linear-attention layers (Qwen3.5's gated delta net) keep conv and recurrent states, which
+    transformers' ``batch_repeat_interleave`` does not repeat; those are repeated here.
+    """
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for states in (layer.conv_states, layer.recurrent_states):
+                for index, state in states.items():
+                    if state is not None:
+                        states[index] = state.repeat_interleave(repeats, dim=0)
+        if hasattr(layer, "batch_repeat_interleave"):  # attention (also the attention half of a hybrid layer)
+            layer.batch_repeat_interleave(repeats)
 
 
 def _choice(ids: list[int], logprobs: list[float], stops: Sequence[int]) -> Choice:

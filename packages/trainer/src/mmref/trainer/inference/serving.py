@@ -17,7 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from mmref.renderers.layout import LayoutSpec
-from mmref.renderers.tokenizer import qwen2_tokenizer
+from mmref.renderers.tokenizer import family_tokenizer
 from mmref.trainer.inference.engine import Engine, TransformersEngine
 from mmref.trainer.model_identity import model_identity
 from mmref.trainer.models import TinySize, image_token_ids_of
@@ -60,9 +60,10 @@ def load_served_model(model: str, engine: str = "transformers", device: str = "c
     if engine != "vllm" and vllm_args:
         raise ValueError(f"{', '.join(sorted(vllm_args))}: vLLM engine settings, but the engine is {engine!r}")
     if model.startswith("tiny-"):
+        family = model.removeprefix("tiny-")
         with tempfile.TemporaryDirectory(prefix="mmref-tiny-") as tmp:
-            path = write_tiny_model_dir(model.removeprefix("tiny-"), Path(tmp) / "model", size=tiny_size)
-            policy = load_policy(path, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=qwen2_tokenizer())
+            path = write_tiny_model_dir(family, Path(tmp) / "model", size=tiny_size)
+            policy = load_policy(path, min_pixels=min_pixels, max_pixels=max_pixels, tokenizer=family_tokenizer(family))
             identity = model_identity(path)
     else:
         policy = load_policy(model, min_pixels=min_pixels, max_pixels=max_pixels)
