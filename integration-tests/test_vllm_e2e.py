@@ -186,6 +186,8 @@ def test_mmref_rl_three_steps_sampling_from_its_child_vllm_server(tmp_path, monk
     assert all(m["sync_bytes"] > 0 for m in metrics)  # a checkpoint and a POST each step
     print("mismatch_kl, tis_weight, tis_capped_fraction per step:",
           [(m["mismatch_kl"], m["tis_weight"], m["tis_capped_fraction"]) for m in metrics])
+    print("weight sync per step (checkpoint write + vLLM load), s/GB:", [round(m["sync_s_per_gb"], 2) for m in metrics],
+          "of", metrics[0]["sync_bytes"], "bytes")
     # Sampled and trained on the same weights (max_async = 0) in fp32: only the engines differ, and barely.
     assert all(m["mismatch_kl"] < 1e-4 and abs(m["tis_weight"] - 1) < 1e-2 for m in metrics)
     assert "mmref serve:" in (out / "inference.log").read_text()
