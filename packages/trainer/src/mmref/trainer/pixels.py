@@ -76,8 +76,11 @@ def processor_size(grid_thw: tuple[int, int, int], processor: Any) -> tuple[int,
 
     ``grid * patch_size`` per side; None where that size is not a fixed point of the processor's
     ``smart_resize`` (thin images whose short side was raised to one merged patch, putting them
-    just past ``max_pixels``): a processor would resize such an image again.
+    just past ``max_pixels``): a processor would resize such an image again. None for processors
+    without ``smart_resize`` pixel limits (Kimi's resize-then-pad): the grid includes padding.
     """
+    if processor.size["shortest_edge"] is None:
+        return None
     _, grid_h, grid_w = grid_thw
     height, width = grid_h * processor.patch_size, grid_w * processor.patch_size
     again = smart_resize(height, width, processor.patch_size * processor.merge_size,
