@@ -22,8 +22,9 @@ from mmref.trainer.step import PolicyTrainer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "examples" / "color-codeword.toml")
 # max_async = 0 and one request at a time: every engine batch is one request, so a seeded run samples alike.
+# A constant lr: a decaying schedule spans max_steps, so a 3-step run would decay faster than a 6-step one.
 DETERMINISTIC = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "max_async=0",
-                 "--set", "rollout.concurrency=1", "--set", "train.nproc=0"]
+                 "--set", "rollout.concurrency=1", "--set", "train.nproc=0", "--set", 'train.lr_decay="constant"']
 
 
 def rl(out: Path, steps: int, *extra: str) -> int:
